@@ -1,0 +1,46 @@
+# One-command set-up: `make demo` and `make test` each build everything they need, idempotently.
+# The venv is made from Debian's python3 with system site-packages, so PyQGIS (python3-qgis) is visible in it.
+# Dependencies come from requirements.lock (uv pip compile pyproject.toml --extra dev), installed with uv:
+# uv ignores pip's local find-links, where a CPU-only torch build lives that can't run torchvision's ops.
+
+PYTHON_SYS ?= /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+STAMP := $(VENV)/.installed
+
+.PHONY: venv qgis demo test test-fast lint bench plugin lock clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON_SYS) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.lock
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
+	touch $(STAMP)
+
+# PyQGIS from Debian's packages, only when missing (tests of the QGIS plugin need it).
+qgis:
+	@$(PYTHON_SYS) -c "import qgis.core" 2>/dev/null || { \
+	  echo "installing python3-qgis from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-qgis >/dev/null; }
+
+demo: venv
+	$(PY) examples/run_demo.py --out out
+
+test: venv qgis
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(PY) bench/scan.py --out bench/results
+
+lock:
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
+
+clean:
+	rm -rf out build dist *.egg-info .pytest_cache

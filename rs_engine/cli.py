@@ -1,0 +1,246 @@
+"""``rs-engine``: the engine's command line. Argument parsing, progress output and exit codes; no logic of its own.
+
+Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr, no traceback); 1 internal error;
+130 cancelled (Ctrl-C or SIGTERM). With ``--progress jsonl`` every event is also one JSON object per line on
+stdout: ``{"event": "progress", "done": k, "total": n}``, then ``{"event": "done", "output": ..., "features": n}``
+or ``{"event": "error", "message": ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rs_engine import __version__
+from rs_engine.errors import InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line + exit 2 (and a JSON error event in jsonl mode)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"usage: {message}")
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} needs {n} comma-separated numbers, got {text!r}") from None
+    if len(values) != n:
+        raise argparse.ArgumentTypeError(f"{what} needs {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def _extent(text: str) -> tuple[float, float, float, float]:
+    minx, miny, maxx, maxy = _floats(text, 4, "--extent MINX,MINY,MAXX,MAXY")
+    if minx >= maxx or miny >= maxy:
+        raise argparse.ArgumentTypeError(f"--extent {text}: MINX must be < MAXX and MINY < MAXY")
+    return minx, miny, maxx, maxy
+
+
+def _bands(text: str) -> list[int]:
+    try:
+        bands = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bands needs comma-separated band numbers, got {text!r}") from None
+    if not bands or min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"--bands {text}: band numbers start at 1")
+    return bands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rs-engine", description="Delineate engine: find and outline objects in rasters.")
+    p.add_argument("--version", action="version", version=f"rs-engine {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("segment", help="segment rasters into a GeoPackage of instance polygons")
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="raster file(s) GDAL can read")
+    s.add_argument("-o", "--output", required=True, metavar="OUT.gpkg", help="output GeoPackage")
+    s.add_argument("--model", default="nwpu10", help="bundled model name or model file path (default: nwpu10)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--tile-size", type=int, metavar="PX", help="tile side in pixels (default: model card)")
+    s.add_argument("--overlap", type=int, metavar="PX", help="tile overlap in pixels (default: model card)")
+    s.add_argument("--score-threshold", type=float, metavar="F", help="minimum score 0-1 (default: model card)")
+    s.add_argument("--bands", type=_bands, metavar="1,2,3", help="raster bands to use, 1-based")
+    s.add_argument("--extent", type=_extent, metavar="MINX,MINY,MAXX,MAXY", help="in the raster's CRS")
+    s.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per forward pass")
+    s.add_argument("--no-resample", action="store_true", help="don't resample to the model's GSD")
+    s.add_argument("--simplify", type=float, default=0.0, metavar="M", help="simplify polygons (map units)")
+    s.add_argument("--overwrite", action="store_true", help="replace OUT.gpkg if it exists")
+    s.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+
+    m = sub.add_parser("models", help="list bundled models and their cards")
+    m.add_argument("--json", action="store_true", help="print the model cards as JSON")
+    m.add_argument("paths", nargs="*", metavar="MODEL", help="also describe these model files")
+
+    d = sub.add_parser("doctor", help="versions, device, CUDA and mamba-ssm status")
+    d.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Known before parsing, so that even a usage error is reported as a JSON event to the plugin.
+    jsonl = "--progress=jsonl" in argv or any(
+        a == "--progress" and b == "jsonl" for a, b in zip(argv, argv[1:])
+    )
+    emit = _Emitter(jsonl)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        if args.command == "segment":
+            return _segment(args, emit)
+        if args.command == "models":
+            return _models(args)
+        return _doctor(args)
+    except InputError as exc:
+        emit.error(str(exc))
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        emit.error("cancelled")
+        return EXIT_CANCELLED
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        emit.error(f"internal error: {type(exc).__name__}: {exc}".splitlines()[0])
+        return EXIT_INTERNAL
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    # SIGTERM (the QGIS plugin's cancel) unwinds like Ctrl-C, so temporary outputs are cleaned up.
+    raise KeyboardInterrupt
+
+
+class _Emitter:
+    """Writes progress and errors as JSON lines (stdout) or human text (stderr)."""
+
+    def __init__(self, jsonl: bool) -> None:
+        self.jsonl = jsonl
+
+    def event(self, **fields: Any) -> None:
+        print(json.dumps(fields), flush=True)
+
+    def error(self, message: str) -> None:
+        message = " ".join(message.split())  # always one line
+        if self.jsonl:
+            self.event(event="error", message=message)
+        print(f"rs-engine: error: {message}", file=sys.stderr, flush=True)
+
+
+def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
+    from rs_engine.segment import Cancelled, SegmentOptions, segment
+
+    opts = SegmentOptions(
+        model=args.model,
+        device=args.device,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        score_threshold=args.score_threshold,
+        bands=args.bands,
+        extent=args.extent,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        resample=not args.no_resample,
+        simplify=args.simplify,
+    )
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if args.progress == "jsonl":
+            emit.event(event="progress", done=done, total=total)
+        elif args.progress == "bar":
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, unit="tile", desc="segment", file=sys.stderr)
+            bar.update(done - bar.n)
+
+    try:
+        result = segment(args.inputs, args.output, opts, progress=progress)
+    except Cancelled:
+        emit.error("cancelled")
+        return EXIT_CANCELLED
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.progress == "jsonl":
+        emit.event(event="done", output=str(result.output), features=result.features)
+    else:
+        print(f"{result.output}: {result.features} instances from {result.tiles} tiles in {result.seconds:.1f} s")
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace) -> int:
+    from rs_engine.checkpoint import bundled_models, read_card
+
+    entries = [(name, str(path)) for name, path in bundled_models().items()] + [(p, p) for p in args.paths]
+    cards = [(name, path, read_card(path)) for name, path in entries]
+    if args.json:
+        print(json.dumps([{"name": n, "path": p, "card": json.loads(c.to_json())} for n, p, c in cards], indent=1))
+        return EXIT_OK
+    if not cards:
+        print("no bundled models installed")
+    for name, path, c in cards:
+        gsd = f"{c.gsd:g} m" if c.gsd else "any"
+        print(f"{name}: {c.label}, {c.bands} band(s), GSD {gsd}, tile {c.tile_size} px, "
+              f"classes: {', '.join(c.class_names)}\n  {path}")
+    return EXIT_OK
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import numpy
+    import rasterio
+    import torch
+    import torchvision
+
+    from rs_engine.checkpoint import bundled_models
+    from rs_engine.ops import mamba_ssm_status
+
+    cuda = torch.cuda.is_available()
+    facts: dict[str, Any] = {
+        "rs_engine": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_available": cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "mamba_ssm": mamba_ssm_status(),
+        "device_auto": "cuda" if cuda else "cpu",
+        "bundled_models": sorted(bundled_models()),
+    }
+    if args.json:
+        print(json.dumps(facts, indent=1))
+    else:
+        for key, value in facts.items():
+            print(f"{key:16s} {value}")
+    return EXIT_OK
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,120 @@
+"""``build_model(config)``: backbone + FPN + torchvision's Mask R-CNN (RPN, RoI box head, FCN mask head).
+
+Composition as in torchvision detection (He et al. 2017, "Mask R-CNN"; Lin et al. 2017, FPN): the backbone is
+the only part of our own; the neck and heads are torchvision's, sized for CPU inference on tiles.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from rs_engine.models.config import BACKBONES, ModelConfig
+from rs_engine.models.ssm import SSMBackbone
+
+
+class BackboneWithFPN(nn.Module):
+    """(B, C_in, H, W) -> OrderedDict of 5 FPN maps (strides 4, 8, 16, 32, 64), each ``out_channels`` wide."""
+
+    def __init__(self, body: SSMBackbone, out_channels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.out_channels_list, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(self.body(x))
+
+
+def build_model(config: ModelConfig) -> MaskRCNN:
+    """Build an untrained instance-segmentation network from its config.
+
+    Input: a list of (C, H, W) float tensors already normalised per band (the model does no normalisation
+    or resizing of its own: ``image_mean`` 0, ``image_std`` 1, sizes fixed at ``config.tile_size``).
+    Output in eval mode: torchvision's list of dicts with ``boxes`` (K, 4) x1y1x2y2 pixels, ``labels`` (K,)
+    in 1..num_classes, ``scores`` (K,), ``masks`` (K, 1, H, W) probabilities.
+
+    Raises:
+        ValueError: unknown backbone name (from :class:`ModelConfig`).
+    """
+    c = config
+    if c.backbone == "resnet50":
+        return _resnet50_maskrcnn(c)
+    backbone = BackboneWithFPN(SSMBackbone(BACKBONES[c.backbone], c.in_channels), c.fpn_channels)
+    anchors = AnchorGenerator(tuple((s,) for s in c.anchor_sizes), ((0.5, 1.0, 2.0),) * len(c.anchor_sizes))
+    box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.representation_size)
+    mask_head = MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * c.mask_head_convs, 1)
+    box_predictor = FastRCNNPredictor(c.representation_size, c.num_classes + 1)
+    mask_predictor = MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, c.num_classes + 1)
+    return MaskRCNN(
+        backbone,
+        num_classes=None,  # given by the predictors below (class 0 is background)
+        min_size=c.tile_size,
+        max_size=c.tile_size,
+        image_mean=[0.0] * c.in_channels,
+        image_std=[1.0] * c.in_channels,
+        rpn_anchor_generator=anchors,
+        rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+        box_head=box_head,
+        box_predictor=box_predictor,
+        box_detections_per_img=c.box_detections_per_img,
+        box_score_thresh=c.box_score_thresh,
+        mask_head=mask_head,
+        mask_predictor=mask_predictor,
+    )
+
+
+def _resnet50_maskrcnn(c: ModelConfig) -> MaskRCNN:
+    """torchvision's ResNet-50-FPN Mask R-CNN (the usual choice; baseline), untrained, N-band input."""
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    model = maskrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=c.num_classes + 1,
+        min_size=c.tile_size,
+        max_size=c.tile_size,
+        image_mean=[0.0] * c.in_channels,
+        image_std=[1.0] * c.in_channels,
+        box_detections_per_img=c.box_detections_per_img,
+        box_score_thresh=c.box_score_thresh,
+    )
+    if c.in_channels != 3:
+        old = model.backbone.body.conv1
+        model.backbone.body.conv1 = nn.Conv2d(c.in_channels, old.out_channels, 7, 2, 3, bias=False)
+    return model
+
+
+def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) -> dict[str, float]:
+    """GFLOPs of a backbone (+FPN) forward pass on one (in_channels, size, size) tile.
+
+    Uses ``torch.utils.flop_counter`` for matrix products and convolutions, plus the analytic cost of the
+    selective scans (9 * L * D * N, as mamba-ssm counts them), which run as elementwise ops the counter
+    does not see. A multiply-add counts as 2 FLOPs.
+
+    Returns:
+        ``{"backbone_gflops": ..., "scan_gflops": ..., "params_m": ...}`` (params in millions).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = model.backbone if isinstance(model, MaskRCNN) else model
+    x = torch.zeros(1, in_channels, size, size)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    scan = 0
+    for m in net.modules():
+        if isinstance(m, SSMBackbone):
+            scan += m.scan_flops(1, size, size)
+    return {
+        "backbone_gflops": (counter.get_total_flops() + scan) / 1e9,
+        "scan_gflops": scan / 1e9,
+        "params_m": sum(p.numel() for p in net.parameters()) / 1e6,
+    }

@@ -1,0 +1,113 @@
+"""Model configurations: plain dataclasses, and a registry of named backbone variants (as timm does).
+
+Every model variant is a named config, not a copy of code: ``BACKBONES["ssm_tiny"]`` etc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SSMBackboneConfig:
+    """A selective-scan (Mamba-1) backbone.
+
+    Attributes:
+        hierarchical: True: VMamba-style stages at strides 4, 8, 16, 32 with downsampling between them;
+            False: RS4D-style plain stack at one stride (``patch_size``) with a simple feature pyramid.
+        patch_size: stride of the patch embedding in pixels (4 for hierarchical, 16 for plain).
+        dims: channel width of each stage (one entry for a plain backbone).
+        depths: number of blocks in each stage.
+        d_state: SSM state size N.
+        ssm_ratio: inner width of the mixer relative to the stage width (Mamba's expand).
+        mlp_ratio: hidden width of the MLP after each mixer (0 = no MLP, as in Mamba).
+        directions: scan directions over the token grid: 2 = row-major forward and reversed (RS4D),
+            4 = row- and column-major, each forward and reversed (VMamba SS2D).
+        pos_embed_grid: side of the learned position-embedding grid of a plain backbone (interpolated to
+            the tile's grid), 0 for none.
+    """
+
+    hierarchical: bool = True
+    patch_size: int = 4
+    dims: tuple[int, ...] = (48, 96, 192, 384)
+    depths: tuple[int, ...] = (1, 1, 4, 1)
+    d_state: int = 16
+    ssm_ratio: float = 2.0
+    mlp_ratio: float = 0.0
+    directions: int = 4
+    pos_embed_grid: int = 0
+
+
+# Named variants. "ssm_*" is the default (hierarchical) family; "rs4d_*" the plain RS4D layout, kept for
+# comparison (see docs/models.md for the measurement behind the choice).
+BACKBONES: dict[str, SSMBackboneConfig] = {
+    "ssm_tiny": SSMBackboneConfig(dims=(48, 96, 192, 384), depths=(1, 2, 4, 2), directions=2, d_state=8),
+    "ssm_small": SSMBackboneConfig(dims=(64, 128, 256, 512), depths=(2, 2, 8, 2), directions=4, d_state=16),
+    "ssm_base": SSMBackboneConfig(dims=(96, 192, 384, 768), depths=(2, 2, 12, 2), directions=4, d_state=16),
+    "rs4d_s": SSMBackboneConfig(
+        hierarchical=False, patch_size=16, dims=(256,), depths=(16,), d_state=16, ssm_ratio=2.0,
+        directions=2, pos_embed_grid=64,
+    ),
+    "rs4d_b": SSMBackboneConfig(
+        hierarchical=False, patch_size=16, dims=(256,), depths=(24,), d_state=16, ssm_ratio=2.0,
+        directions=2, pos_embed_grid=64,
+    ),
+    "rs4d_l": SSMBackboneConfig(
+        hierarchical=False, patch_size=16, dims=(256,), depths=(28,), d_state=16, ssm_ratio=2.5,
+        directions=2, pos_embed_grid=64,
+    ),
+}
+
+# Not a selective-scan backbone: torchvision's ResNet-50-FPN Mask R-CNN, the usual choice, as a baseline.
+BASELINES = ("resnet50",)
+
+
+@dataclass
+class ModelConfig:
+    """A whole instance-segmentation network: backbone + FPN + Mask R-CNN heads.
+
+    Attributes:
+        backbone: a name in :data:`BACKBONES` or :data:`BASELINES`.
+        in_channels: number of input bands (1 for SAR, 3 for RGB, any N).
+        num_classes: number of object classes, background excluded.
+        tile_size: tile side in pixels the network is run at (no resizing inside the network).
+        fpn_channels: width of the FPN and of the heads' inputs.
+        anchor_sizes: RPN anchor side in pixels for each of the five pyramid levels (strides 4..64).
+        rpn_post_nms_top_n_test: proposals kept per tile at inference.
+        box_detections_per_img: maximum instances per tile.
+        box_score_thresh: minimum score kept by the box head at inference.
+        representation_size: width of the box head's two-layer MLP.
+        mask_head_convs: number of 3x3 convolutions in the mask head, each ``mask_head_channels`` wide.
+    """
+
+    backbone: str = "ssm_tiny"
+    in_channels: int = 3
+    num_classes: int = 1
+    tile_size: int = 512
+    fpn_channels: int = 128
+    anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    rpn_post_nms_top_n_test: int = 300
+    box_detections_per_img: int = 200
+    box_score_thresh: float = 0.05
+    representation_size: int = 512
+    mask_head_channels: int = 128
+    mask_head_convs: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES and self.backbone not in BASELINES:
+            known = ", ".join([*BACKBONES, *BASELINES])
+            raise ValueError(f"unknown backbone {self.backbone!r} (known: {known})")
+        if self.in_channels < 1 or self.num_classes < 1:
+            raise ValueError("in_channels and num_classes must be >= 1")
+        self.anchor_sizes = tuple(self.anchor_sizes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
+        return cls(**data)
