@@ -136,7 +136,9 @@ def read_card(spec: str | os.PathLike) -> ModelCard:
         raise InputError(f"{path}: model card is invalid ({_first_line(exc)})") from None
 
 
-def load_state(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], ModelCard]:
+def load_state(
+    spec: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], ModelCard]:
     """Read weights (as stored, fp16 or fp32) and card.
 
     Raises:
