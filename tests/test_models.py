@@ -70,7 +70,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     model = build_model(config).eval()
     path = save_model(tmp_path / "m.safetensors", model, _card(config))
     loaded, card = load_model(path)
-    assert card.class_names == ["c0", "c1"] and card.architecture == config.to_dict()
+    assert card.class_names == ["c0", "c1"] and ModelConfig.from_dict(card.architecture) == config
     x = torch.randn(3, 64, 64)
     with torch.no_grad():
         a = model.backbone(x[None])

@@ -94,7 +94,7 @@ def _resnet50_maskrcnn(c: ModelConfig) -> MaskRCNN:
 
 
 def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) -> dict[str, float]:
-    """GFLOPs of a backbone (+FPN) forward pass on one (in_channels, size, size) tile.
+    """GFLOPs of the backbone body (no FPN, no heads) on one (in_channels, size, size) tile.
 
     Uses ``torch.utils.flop_counter`` for matrix products and convolutions, plus the analytic cost of the
     selective scans (9 * L * D * N, as mamba-ssm counts them), which run as elementwise ops the counter
@@ -105,7 +105,7 @@ def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) ->
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = model.backbone if isinstance(model, MaskRCNN) else model
+    net = model.backbone.body if isinstance(model, MaskRCNN) else model
     x = torch.zeros(1, in_channels, size, size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(x)

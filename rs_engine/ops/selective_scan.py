@@ -47,10 +47,15 @@ Alternatives measured on the target CPU (2 cores, AVX-512) and rejected:
   different decay per state ``n``, so the ``T x T`` matrix costs ``T * dstate`` multiply-adds per token and
   channel instead of ``dstate``; with ``dstate = 16`` batched GEMMs of that size lose to the elementwise form.
 
-On the CPU the scan is bound by (a) about ``L*dim*dstate`` ``exp2`` evaluations (~6e9/s on 2 cores), (b) about
-six passes of elementwise work over the ``(L, dim, dstate)`` states at 10-15e9 elements/s, (c) transposing the
-``(batch, dim, L)`` inputs and output to token-major order (~1e9 elements/s with PyTorch's copy kernels) and
-(d) the dispatch cost of a few thousand small PyTorch ops. See ``bench/scan.py``.
+What bounds it on a CPU (measured on 2 AVX-512 cores at batch 1, dim 512, dstate 16, L 16384, i.e. 134M
+state elements; ~150 ms in all): ``L*dim*dstate`` ``exp2`` evaluations at ~6e9/s (~22 ms); five passes over
+the states -- decay product, input product, the two recurrence passes, the contraction -- at 8-15e9
+elements/s, mostly from the last-level cache (~65 ms); three ``(batch, dim, L)`` transposes to and from
+token-major order at ~1.3e9 elements/s, PyTorch's best copy kernel for them (~18 ms); bias/softplus/D/silu
+and slab copies (~25 ms); and ~6.4k op dispatches at ~3 us (~20 ms). The per-token loop of the reference is
+bound by 16k iterations of three small ops on strided slices of its precomputed tensors. See ``bench/scan.py``.
+Many small parallel ops also make the scan sensitive to CPU oversubscription: run next to another busy
+multi-threaded process on the same cores, every OpenMP region waits for a descheduled thread.
 """
 
 from __future__ import annotations
@@ -273,11 +278,19 @@ class _Plan:
     dim // ngroups)`` -- so every per-position op is a long contiguous vector op and the reduction over
     ``dstate`` with ``C`` is one batched matrix product. Inputs and outputs are ``(batch, dim, L)``; a group's
     slab is copied to a contiguous scratch and transposed with PyTorch's blocked 2-D transpose copy.
-    Scratch is allocated once per call and reused by every group (fresh large allocations page-fault).
+    Scratch is allocated once per call and reused by every group: fresh large allocations page-fault, and
+    creating views costs microseconds each, so the views of a group are built once per group size.
     """
 
     def __init__(
-        self, u: torch.Tensor, dstate: int, ngroups: int, chunk_size: int, n_work: int, group_elements: int
+        self,
+        u: torch.Tensor,
+        dstate: int,
+        ngroups: int,
+        chunk_size: int,
+        group_elements: int,
+        n_work: int,
+        n_slabs: int,
     ) -> None:
         self.b, self.d, self.L = u.shape
         self.n, self.ng = dstate, ngroups
@@ -287,18 +300,11 @@ class _Plan:
         self.Lp = self.nch * chunk_size
         per_chunk = self.b * chunk_size * dstate * self.d
         self.G = max(1, min(self.nch, group_elements // max(per_chunk, 1)))
-        self.GT = self.G * chunk_size
         kw = {"dtype": u.dtype, "device": u.device}
         self.work = [torch.empty(self.G * per_chunk, **kw) for _ in range(n_work)]
-        self.slab_elems = self.b * self.d * self.GT
-        self._slabs: list[torch.Tensor] = []
-        self._kw = kw
-
-    def slab(self, i: int) -> torch.Tensor:
-        """Flat scratch number ``i`` of ``batch * dim * G * T`` elements (created on first use)."""
-        while len(self._slabs) <= i:
-            self._slabs.append(torch.empty(self.slab_elems, **self._kw))
-        return self._slabs[i]
+        self.slabs = [torch.empty(self.b * self.d * self.G * chunk_size, **kw) for _ in range(n_slabs)]
+        self.smalls = [torch.empty(self.b * self.G * dstate * self.d, **kw) for _ in range(4)]
+        self._views: dict[int, _Views] = {}
 
     def groups(self, reverse: bool = False) -> list[tuple[int, int, int, int]]:
         """``(first chunk, chunks in group, first token, end token clipped to L)`` for every group."""
@@ -308,115 +314,138 @@ class _Plan:
             out.append((c0, g, c0 * self.T, min(self.L, (c0 + g) * self.T)))
         return out[::-1] if reverse else out
 
-    def nat(self, i: int, gT: int) -> torch.Tensor:
-        """Slab scratch ``i`` as a native-layout ``(batch, dim, gT)`` tensor."""
-        return self.slab(i)[: self.b * self.d * gT].view(self.b, self.d, gT)
+    def views(self, g: int) -> _Views:
+        """Views of the scratch for a group of ``g`` chunks (cached)."""
+        v = self._views.get(g)
+        if v is None:
+            v = self._views[g] = _Views(self, g)
+        return v
 
-    def tok(self, i: int, gT: int) -> torch.Tensor:
-        """Slab scratch ``i`` as a token-major ``(batch, gT, dim)`` tensor."""
-        return self.slab(i)[: self.b * self.d * gT].view(self.b, gT, self.d)
 
-    def big(self, i: int, g: int) -> torch.Tensor:
-        """Work tensor ``i`` as ``(batch, g, T, ngroups, dstate, dim // ngroups)``."""
-        return self.work[i][: self.b * g * self.T * self.n * self.d].view(
-            self.b, g, self.T, self.ng, self.n, self.dpg
-        )
+class _Views:
+    """Views of a :class:`_Plan`'s scratch for a group of ``g`` chunks.
 
-    def small(self, i: int, g: int) -> torch.Tensor:
-        """Per-chunk state scratch ``i`` as ``(batch, g, ngroups, dstate, dim // ngroups)``."""
-        name = f"_small{i}"
-        buf = getattr(self, name, None)
-        size = self.b * (self.G + 1) * self.n * self.d
-        if buf is None:
-            buf = torch.empty(size, **self._kw)
-            setattr(self, name, buf)
-        return buf[: self.b * g * self.n * self.d].view(self.b, g, self.ng, self.n, self.dpg)
+    ``nat[i]`` / ``tok[i]``: slab ``i`` as (batch, dim, gT) / (batch, gT, dim); ``big[i]``: work tensor ``i``
+    as (batch, g, T, ngroups, dstate, dpg) and ``big_t[i]`` its per-position slices; ``small[i]``: per-chunk
+    state scratch (batch, g, ngroups, dstate, dpg) and ``small_k[i]`` its per-chunk slices.
+    """
+
+    def __init__(self, plan: _Plan, g: int) -> None:
+        b, d, T, ng, n, dpg = plan.b, plan.d, plan.T, plan.ng, plan.n, plan.dpg
+        self.g = g
+        self.gT = gT = g * T
+        ns = b * d * gT
+        self.nat = [s[:ns].view(b, d, gT) for s in plan.slabs]
+        self.tok = [s[:ns].view(b, gT, d) for s in plan.slabs]
+        nb = b * g * T * n * d
+        self.big = [w[:nb].view(b, g, T, ng, n, dpg) for w in plan.work]
+        self.big_t = [x.unbind(2) for x in self.big]
+        nsm = b * g * n * d
+        self.small = [s[:nsm].view(b, g, ng, n, dpg) for s in plan.smalls]
+        self.small_k = [x.unbind(1) for x in self.small]
+        # chunk sums of delta, (b, g, ng, 1, dpg), in the last small buffer (P lives in small[2])
+        self.psum = plan.smalls[3][: b * g * ng * dpg].view(b, g, ng, 1, dpg)
+        self.tok6 = [x.view(b, g, T, ng, 1, dpg) for x in self.tok]  # token-major slabs, broadcast over N
+        self.rows = b * gT * ng
+        self.tok_rows = [x.view(self.rows, 1, dpg) for x in self.tok]  # bmm outputs / operands
+        self.tok_cols = [x.view(self.rows, dpg, 1) for x in self.tok]
+        self.big_rows = [x.view(self.rows, n, dpg) for x in self.big]
+        # per-batch 2-D operands of the transposes: (dst, src.T) pairs are built from these
+        self.nat2 = [[x[i] for i in range(b)] for x in self.nat]
+        self.tok2 = [[x[i] for i in range(b)] for x in self.tok]
+        self.nat2_t = [[y.t() for y in x] for x in self.nat2]
+        self.tok2_t = [[y.t() for y in x] for x in self.tok2]
 
 
 def _load(dst: torch.Tensor, src: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
     """Copy tokens ``[s0, s1)`` of ``src`` (batch, dim, L) into ``dst`` (batch, dim, gT); zero the tail."""
     m = s1 - s0
-    dst[:, :, :m].copy_(src[:, :, s0:s1])
-    if m < dst.shape[2]:
+    if m == dst.shape[2]:
+        dst.copy_(src[:, :, s0:s1])
+    else:
+        dst[:, :, :m].copy_(src[:, :, s0:s1])
         dst[:, :, m:].zero_()
     return dst
 
 
-def _transpose(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[i] = src[i].T`` per batch item, with contiguous 2-D operands (PyTorch's blocked transpose path)."""
-    for i in range(src.shape[0]):
-        dst[i].copy_(src[i].t())
+def _nat_to_tok(v: _Views, dst: int, src: int) -> None:
+    """Token-major slab ``dst`` = transpose of native slab ``src`` (PyTorch's blocked 2-D transpose copy)."""
+    for d2, s2 in zip(v.tok2[dst], v.nat2_t[src], strict=True):
+        d2.copy_(s2)
 
 
-def _prologue(plan: _Plan, raw: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool, m: int):
-    """delta slab (in ``raw``, tail zero) -> effective delta (bias, softplus) with a zero tail, as a new view.
+def _tok_to_nat(v: _Views, dst: int, src: int) -> None:
+    """Native slab ``dst`` = transpose of token-major slab ``src``."""
+    for d2, s2 in zip(v.nat2[dst], v.tok2_t[src], strict=True):
+        d2.copy_(s2)
 
-    Returns (delta_eff, pre) where ``pre`` is the pre-softplus value (for the backward) or None.
+
+def _effective_delta(
+    raw: torch.Tensor, eff: torch.Tensor, src: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Load a delta slab ``src`` (batch, dim, m) with bias and softplus into scratch (batch, dim, gT).
+
+    Returns (delta_eff, pre): ``delta_eff`` is ``raw`` or ``eff`` (softplus output); ``pre`` is the
+    pre-softplus value (for the backward) or None. Tokens past ``m`` (padding) get delta 0: decay 1 and no
+    input, so the state passes through them unchanged.
     """
+    m, gT = src.shape[2], raw.shape[2]
+    head = raw if m == gT else raw[:, :, :m]
     if delta_bias is not None:
-        raw.add_(delta_bias[:, None])
+        torch.add(src, delta_bias[:, None], out=head)  # load and bias in one pass
+    else:
+        head.copy_(src)
+    if m < gT:
+        raw[:, :, m:].zero_()
     if not softplus:
-        if delta_bias is not None and m < raw.shape[2]:
-            raw[:, :, m:].zero_()
         return raw, None
-    eff = F.softplus(raw, beta=1.0, threshold=_SOFTPLUS_THRESHOLD)
-    if m < eff.shape[2]:
-        eff[:, :, m:].zero_()  # padded tokens must have delta == 0: decay 1, no input
+    torch.ops.aten.softplus.out(raw, 1, _SOFTPLUS_THRESHOLD, out=eff)
+    if m < gT:
+        eff[:, :, m:].zero_()
     return eff, raw
 
 
-def _decays_inputs(
-    plan: _Plan, g: int, dtk: torch.Tensor, xtk: torch.Tensor, Bt: torch.Tensor, s0: int, A2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fill work tensors 0 and 1 with ``a = exp2(delta*A2)`` and ``w = (delta*u) * B``; return (a, w, P).
+def _decays_inputs(v: _Views, dtk: int, xtk: int, Bg: torch.Tensor, A2: torch.Tensor) -> None:
+    """Work 0 = ``a = exp2(delta * A2)``, work 1 = ``w = (delta*u) * B``, small 2 = chunk decays ``P``.
 
+    ``dtk`` / ``xtk``: token-major slabs holding delta and delta*u; ``Bg``: B of the group as
+    (batch, g, T, ngroups, dstate, 1); ``A2 = A*log2(e)`` as (ngroups, dstate, dpg).
     ``P[:, k] = exp2(A2 * sum of delta over chunk k)`` is chunk k's total decay.
     """
-    b, T, ng, n, dpg = plan.b, plan.T, plan.ng, plan.n, plan.dpg
-    gT = g * T
-    d6 = dtk.view(b, g, T, ng, 1, dpg)
-    a = plan.big(0, g)
+    d6 = v.tok6[dtk]
+    a, w, P = v.big[0], v.big[1], v.small[2]
     torch.mul(d6, A2, out=a)
     torch.exp2(a, out=a)
-    w = plan.big(1, g)
-    torch.mul(xtk.view(b, g, T, ng, 1, dpg), Bt[:, s0 : s0 + gT].view(b, g, T, ng, n, 1), out=w)
-    P = torch.exp2(d6.sum(2) * A2)
-    return a, w, P
+    torch.mul(v.tok6[xtk], Bg, out=w)
+    torch.sum(d6, 2, out=v.psum)
+    torch.mul(v.psum, A2, out=P)
+    torch.exp2(P, out=P)
 
 
-def _forward_states(
-    a: torch.Tensor, w: torch.Tensor, P: torch.Tensor, h: torch.Tensor, hin: torch.Tensor, e: torch.Tensor,
-    out: torch.Tensor,
-) -> torch.Tensor:
-    """States of all tokens of a group into ``out`` (may be ``w`` itself); returns the state after the group.
+def _forward_states(v: _Views, h: torch.Tensor, out: int) -> None:
+    """All states of a group into work tensor ``out`` (1 = in place of ``w``), from ``a`` (work 0), ``w``
+    (work 1) and ``P`` (small 2).
 
-    ``h``: state entering the group (batch, ngroups, dstate, dpg); ``hin`` receives each chunk's incoming
-    state, ``e`` is scratch for the chunk end states.
+    ``h``: state entering the group (batch, ngroups, dstate, dpg), overwritten with the state after it.
+    small 0 receives each chunk's incoming state, small 1 the chunk end states.
     """
-    T = a.shape[2]
-    g = a.shape[1]
-    al, wl, ol = a.unbind(2), w.unbind(2), out.unbind(2)
+    al, wl, ol = v.big_t[0], v.big_t[1], v.big_t[out]
+    e, el = v.small[1], v.small_k[1]
+    hin, hl, Pl = v.small[0], v.small_k[0], v.small_k[2]
+    T, g = len(al), v.g
     # pass 1: chunk end states from a zero start, all chunks of the group at once
     e.copy_(wl[0])
     for t in range(1, T):
         torch.addcmul(wl[t], al[t], e, out=e)
-    # chunk-to-chunk recurrence (the only sequential part)
-    hin[:, 0].copy_(h)
+    # chunk-to-chunk recurrence, the only sequential part
+    hl[0].copy_(h)
     for k in range(g - 1):
-        torch.addcmul(e[:, k], P[:, k], hin[:, k], out=hin[:, k + 1])
-    h_next = torch.addcmul(e[:, g - 1], P[:, g - 1], hin[:, g - 1])
+        torch.addcmul(el[k], Pl[k], hl[k], out=hl[k + 1])
+    torch.addcmul(el[g - 1], Pl[g - 1], hl[g - 1], out=h)
     # pass 2: every token's state from the true incoming states
     torch.addcmul(wl[0], al[0], hin, out=ol[0])
     for t in range(1, T):
         torch.addcmul(wl[t], al[t], ol[t - 1], out=ol[t])
-    return h_next
-
-
-def _contract(plan: _Plan, g: int, X: torch.Tensor, states: torch.Tensor, out_tok: torch.Tensor) -> None:
-    """``out_tok[b, t, d] = sum_n X[b, t, group(d), n] * states[b, t, group(d), n, d]`` (a batched GEMM)."""
-    b, ng, n, dpg = plan.b, plan.ng, plan.n, plan.dpg
-    rows = b * g * plan.T * ng
-    torch.bmm(X.reshape(rows, 1, n), states.view(rows, n, dpg), out=out_tok.view(rows, 1, dpg))
 
 
 def _token_major(X: torch.Tensor, Lp: int) -> torch.Tensor:
@@ -424,6 +453,21 @@ def _token_major(X: torch.Tensor, Lp: int) -> torch.Tensor:
     b, ng, n, L = X.shape
     out = X.new_zeros(b, Lp, ng, n)
     out[:, :L] = X.permute(0, 3, 1, 2)
+    return out
+
+
+def _group_slices(plan: _Plan, X: torch.Tensor, col: bool) -> list[torch.Tensor]:
+    """Per-group slices of a token-major (batch, Lp, G, N) tensor, in ``plan.groups()`` order.
+
+    ``col``: shaped (batch, g, T, G, N, 1) to broadcast against work tensors; else (rows, 1, N) for bmm.
+    """
+    out = []
+    for _, g, s0, _ in plan.groups():
+        sl = X[:, s0 : s0 + g * plan.T]
+        if col:
+            out.append(sl.view(plan.b, g, plan.T, plan.ng, plan.n, 1))
+        else:
+            out.append(sl.reshape(plan.b * g * plan.T * plan.ng, 1, plan.n))
     return out
 
 
@@ -458,36 +502,43 @@ def _scan_forward(
     ``chunk_states`` (batch, nchunks, G, N, dpg) holds the state entering every chunk, for the backward.
     """
     n, ng = A.shape[1], B.shape[1]
-    plan = _Plan(u, n, ng, chunk_size, 2, group_elements)
+    plan = _Plan(u, n, ng, chunk_size, group_elements, n_work=2, n_slabs=6)
     b, d, L = plan.b, plan.d, plan.L
     A2 = _a_layout(A * _LOG2E, ng)
-    Bt, Ct = _token_major(B, plan.Lp), _token_major(C, plan.Lp)
+    Bg = _group_slices(plan, _token_major(B, plan.Lp), col=True)
+    Cg = _group_slices(plan, _token_major(C, plan.Lp), col=False)
     out = u.new_empty(b, d, L)
     h = u.new_zeros(b, ng, n, plan.dpg)
     chunk_states = u.new_empty(b, plan.nch, ng, n, plan.dpg) if save_states else None
-    for c0, g, s0, s1 in plan.groups():
-        gT, m = g * plan.T, s1 - s0
-        dn, _ = _prologue(plan, _load(plan.nat(0, gT), delta, s0, s1), delta_bias, softplus, m)
-        un = _load(plan.nat(1, gT), u, s0, s1)
-        xn = torch.mul(dn, un, out=plan.nat(2, gT))
-        dtk, xtk = plan.tok(3, gT), plan.tok(4, gT)
-        _transpose(dtk, dn)
-        _transpose(xtk, xn)
-        a, w, P = _decays_inputs(plan, g, dtk, xtk, Bt, s0, A2)
-        hin = plan.small(0, g)
-        h = _forward_states(a, w, P, h, hin, plan.small(1, g), out=w)
+    Dc = D[:, None] if D is not None else None
+    # slabs: 0 delta (+ bias), 1 silu(z), 2 delta*u then y, 3 delta (token-major) then y, 4 delta*u
+    # (token-major), 5 softplus(delta)
+    for i, (c0, g, s0, s1) in enumerate(plan.groups()):
+        v = plan.views(g)
+        m, full = s1 - s0, s1 - s0 == v.gT
+        us = u[:, :, s0:s1]
+        dn, _ = _effective_delta(v.nat[0], v.nat[5], delta[:, :, s0:s1], delta_bias, softplus)
+        xn = v.nat[2]
+        torch.mul(dn if full else dn[:, :, :m], us, out=xn if full else xn[:, :, :m])
+        if not full:
+            xn[:, :, m:].zero_()
+        _nat_to_tok(v, 3, 5 if dn is v.nat[5] else 0)
+        _nat_to_tok(v, 4, 2)
+        _decays_inputs(v, 3, 4, Bg[i], A2)
+        _forward_states(v, h, out=1)
         if chunk_states is not None:
-            chunk_states[:, c0 : c0 + g] = hin
-        ytk = plan.tok(3, gT)  # delta is no longer needed in token-major form
-        _contract(plan, g, Ct[:, s0 : s0 + gT], w, ytk)
-        yn = plan.nat(2, gT)
-        _transpose(yn, ytk)
-        if D is not None:
-            yn.addcmul_(un, D[:, None])
+            chunk_states[:, c0 : c0 + g] = v.small[0]
+        torch.bmm(Cg[i], v.big_rows[1], out=v.tok_rows[3])
+        _tok_to_nat(v, 2, 3)
+        yn = v.nat[2] if full else v.nat[2][:, :, :m]
+        if Dc is not None:
+            yn.addcmul_(us, Dc)
         if z is not None:
-            torch.mul(yn[:, :, :m], F.silu(z[:, :, s0:s1]), out=out[:, :, s0:s1])
+            sz = v.nat[1] if full else v.nat[1][:, :, :m]
+            torch.ops.aten.silu.out(z[:, :, s0:s1], out=sz)
+            torch.mul(yn, sz, out=out[:, :, s0:s1])
         else:
-            out[:, :, s0:s1] = yn[:, :, :m]
+            out[:, :, s0:s1] = yn
     return out, _state_to_bdn(h), chunk_states
 
 
@@ -502,115 +553,113 @@ def _scan_backward(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of the chunked scan, group by group from the end, with the same machinery reversed.
 
-    The adjoint recurrence is ``gh_t = C_t * gy_t + a_{t+1} * gh_{t+1}`` (``gh`` seeded by ``g_last``); the
-    forward states of a group are recomputed from the saved chunk states. Then
-    ``d(delta*A) = gh * a * h_{t-1}``, ``g(delta*u) = sum_n gh*B``, ``gB = sum_d gh*(delta*u)``,
-    ``gC = sum_d h*gy``.
+    The adjoint recurrence is ``gh_t = C_t * gy_t + a_{t+1} * gh_{t+1}`` (seeded by ``g_last``), run with the
+    same two passes and chunk-to-chunk step as the forward; the forward states of a group are recomputed
+    from the saved chunk states. Then ``d(delta*A) = gh * a_t * h_{t-1}``, ``g(delta*u) = sum_n gh * B``,
+    ``gB = sum_d gh * (delta*u)``, ``gC = sum_d h * gy``.
     """
     u, delta, A, B, C, D, z, delta_bias, chunk_states = saved
     assert chunk_states is not None
     n, ng = A.shape[1], B.shape[1]
-    plan = _Plan(u, n, ng, chunk_size, 4, group_elements)
+    plan = _Plan(u, n, ng, chunk_size, group_elements, n_work=4, n_slabs=10)
     b, d, L, T, dpg = plan.b, plan.d, plan.L, plan.T, plan.dpg
     A2 = _a_layout(A * _LOG2E, ng)
     A_l = _a_layout(A, ng)
     Bt, Ct = _token_major(B, plan.Lp), _token_major(C, plan.Lp)
+    Bg, Cg = _group_slices(plan, Bt, col=True), _group_slices(plan, Ct, col=True)
+    Bbmm, Cbmm = _group_slices(plan, Bt, col=False), _group_slices(plan, Ct, col=False)
     if g_out is None:
         g_out = u.new_zeros(u.shape)
-    g_u = u.new_empty(u.shape)
-    g_delta = u.new_empty(u.shape)
+    g_u, g_delta = u.new_empty(u.shape), u.new_empty(u.shape)
     g_z = u.new_empty(u.shape) if z is not None else None
     gA = A.new_zeros(ng, n, dpg)
     gD = u.new_zeros(d) if D is not None else None
     g_bias = u.new_zeros(d) if delta_bias is not None else None
     gBt = u.new_zeros(b, plan.Lp, ng, n)
     gCt = u.new_zeros(b, plan.Lp, ng, n)
-    # reverse-carried adjoint entering the last token of the current group from the future
+    Dc = D[:, None] if D is not None else None
+    # adjoint carried into the last token of the current group from the tokens after it
     r = u.new_zeros(b, ng, n, dpg)
     if g_last is not None:
         r = g_last.reshape(b, ng, dpg, n).permute(0, 1, 3, 2).contiguous()
-    for c0, g, s0, s1 in plan.groups(reverse=True):
-        gT, m = g * T, s1 - s0
-        raw = _load(plan.nat(0, gT), delta, s0, s1)
-        dn, pre = _prologue(plan, raw, delta_bias, softplus, m)
-        un = _load(plan.nat(1, gT), u, s0, s1)
-        xn = torch.mul(dn, un, out=plan.nat(2, gT))
-        dtk, xtk = plan.tok(3, gT), plan.tok(4, gT)
-        _transpose(dtk, dn)
-        _transpose(xtk, xn)
-        a, w, P = _decays_inputs(plan, g, dtk, xtk, Bt, s0, A2)
+    groups = plan.groups()
+    # slabs: 0 raw delta, 1 u, 2 delta*u then y (pre-gate), 3 delta (tok) then d(delta*A)/d(delta) (tok),
+    # 4 delta*u (tok) then its native transpose, 5 g_out then g_y, 6 y (tok) then z then g_y (tok),
+    # 7 g(delta*u) (tok), 8 g(delta*u) (native), 9 softplus(delta)
+    for i in range(len(groups) - 1, -1, -1):
+        c0, g, s0, s1 = groups[i]
+        v = plan.views(g)
+        gT, m = v.gT, s1 - s0
+        dn, pre = _effective_delta(v.nat[0], v.nat[9], delta[:, :, s0:s1], delta_bias, softplus)
+        un = _load(v.nat[1], u, s0, s1)
+        torch.mul(dn, un, out=v.nat[2])
+        _nat_to_tok(v, 3, 9 if dn is v.nat[9] else 0)
+        _nat_to_tok(v, 4, 2)
+        _decays_inputs(v, 3, 4, Bg[i], A2)
+        a, w, h = v.big[0], v.big[1], v.big[2]
+        al, wl, hl = v.big_t[0], v.big_t[1], v.big_t[2]
         hin = chunk_states[:, c0 : c0 + g]
-        h = plan.big(2, g)
-        al, wl, hl = a.unbind(2), w.unbind(2), h.unbind(2)
         torch.addcmul(wl[0], al[0], hin, out=hl[0])
         for t in range(1, T):
             torch.addcmul(wl[t], al[t], hl[t - 1], out=hl[t])
-        # gradient w.r.t. the pre-gate output y + D*u, in native layout
-        go = _load(plan.nat(5, gT), g_out, s0, s1)
+        # gradient w.r.t. the pre-gate output y + D*u, native layout (slab 5)
+        go = _load(v.nat[5], g_out, s0, s1)
         if z is not None:
-            ytk = plan.tok(6, gT)
-            _contract(plan, g, Ct[:, s0 : s0 + gT], h, ytk)
-            yn = plan.nat(7, gT)
-            _transpose(yn, ytk)
-            if D is not None:
-                yn.addcmul_(un, D[:, None])
-            zs = _load(plan.nat(6, gT), z, s0, s1)
+            torch.bmm(Cbmm[i], v.big_rows[2], out=v.tok_rows[6])
+            yn = v.nat[2]
+            _tok_to_nat(v, 2, 6)
+            if Dc is not None:
+                yn.addcmul_(un, Dc)
+            zs = _load(v.nat[6], z, s0, s1)
             sig = torch.sigmoid(zs)
-            # silu'(z) = sig * (1 + z * (1 - sig))
-            dsilu = sig * (1 + zs * (1 - sig))
+            dsilu = sig * (1 + zs * (1 - sig))  # d silu(z) / dz
             g_z[:, :, s0:s1] = (go * yn * dsilu)[:, :, :m]
-            go.mul_(zs.mul_(sig))  # go <- g_out * silu(z)
+            go.mul_(zs.mul_(sig))  # g_y = g_out * silu(z)
         if gD is not None:
             gD += (go * un).sum((0, 2))
-        gtk = plan.tok(6, gT)
-        _transpose(gtk, go)
-        if needs[4]:  # gC[b, t, grp, n] = sum_dpg h * gy
-            rows = b * gT * ng
-            gCt[:, s0 : s0 + gT] = torch.bmm(h.view(rows, n, dpg), gtk.view(rows, dpg, 1)).view(b, gT, ng, n)
-        # q = a_t * h_{t-1}, the decayed previous state (overwrites w)
+        _nat_to_tok(v, 6, 5)  # g_y token-major
+        if needs[4]:  # gC[b, t, grp, n] = sum_dpg h * g_y
+            gCt[:, s0 : s0 + gT] = torch.bmm(v.big_rows[2], v.tok_cols[6]).view(b, gT, ng, n)
+        # q = a_t * h_{t-1}: the decayed previous state (overwrites w)
         q = w
         torch.mul(a[:, :, 0], hin, out=q[:, :, 0])
         torch.mul(a[:, :, 1:], h[:, :, :-1], out=q[:, :, 1:])
-        # v = C_t * gy_t, then the reverse recurrence in place: v <- gh
-        v = plan.big(3, g)
-        torch.mul(Ct[:, s0 : s0 + gT].view(b, g, T, ng, n, 1), gtk.view(b, g, T, ng, 1, dpg), out=v)
-        vl = v.unbind(2)
-        s = plan.small(1, g)
-        s.copy_(vl[T - 1])
+        # adjoint: gh = C * g_y, then the reverse recurrence in place, with the same two passes
+        gh, ghl = v.big[3], v.big_t[3]
+        torch.mul(Cg[i], v.tok6[6], out=gh)
+        s, sl = v.small[1], v.small_k[1]
+        Pl = v.small_k[2]
+        s.copy_(ghl[T - 1])
         for t in range(T - 2, -1, -1):
-            torch.addcmul(vl[t], al[t + 1], s, out=s)
-        s.mul_(al[0])  # s_k = a_0 * gh_local_0: what chunk k passes to chunk k-1 from a zero future
-        rin = plan.small(0, g)
+            torch.addcmul(ghl[t], al[t + 1], s, out=s)
+        s.mul_(al[0])  # what chunk k passes to chunk k-1 when nothing comes from after it
+        rin, rl = v.small[0], v.small_k[0]
         for k in range(g - 1, -1, -1):
-            rin[:, k].copy_(r)
-            r = torch.addcmul(s[:, k], P[:, k], r)
-        vl[T - 1].add_(rin)
+            rl[k].copy_(r)
+            r = torch.addcmul(sl[k], Pl[k], r)
+        ghl[T - 1].add_(rin)
         for t in range(T - 2, -1, -1):
-            torch.addcmul(vl[t], al[t + 1], vl[t + 1], out=vl[t])
-        gh = v
-        # g(delta*u) and gB
-        gx_tok = plan.tok(7, gT)
-        _contract(plan, g, Bt[:, s0 : s0 + gT], gh, gx_tok)
+            torch.addcmul(ghl[t], al[t + 1], ghl[t + 1], out=ghl[t])
+        # g(delta*u) = sum_n gh * B (token-major slab 7) and gB = sum_dpg gh * (delta*u)
+        torch.bmm(Bbmm[i], v.big_rows[3], out=v.tok_rows[7])
         if needs[3]:
-            rows = b * gT * ng
-            gBt[:, s0 : s0 + gT] = torch.bmm(gh.view(rows, n, dpg), xtk.view(rows, dpg, 1)).view(b, gT, ng, n)
+            gBt[:, s0 : s0 + gT] = torch.bmm(v.big_rows[3], v.tok_cols[4]).view(b, gT, ng, n)
         # M = d loss / d(delta*A) = gh * q
         M = q.mul_(gh)
-        tmp = plan.big(2, g)
+        tmp = h
         if needs[2]:
-            torch.mul(M, dtk.view(b, g, T, ng, 1, dpg), out=tmp)
+            torch.mul(M, v.tok6[3], out=tmp)
             gA += tmp.sum((0, 1, 2))
         torch.mul(M, A_l, out=tmp)
-        gda_tok = plan.tok(3, gT)  # dtk no longer needed
-        torch.sum(tmp, dim=4, out=gda_tok.view(b, g, T, ng, dpg))
-        gda, gxn = plan.nat(4, gT), plan.nat(8, gT)
-        _transpose(gda, gda_tok)
-        _transpose(gxn, gx_tok)
-        # delta_eff gradient = from decay + from x = delta*u ; u gradient = from x + direct D path
+        torch.sum(tmp, dim=4, out=v.tok[3].view(b, v.g, T, ng, dpg))
+        gda, gxn = v.nat[4], v.nat[8]
+        _tok_to_nat(v, 4, 3)
+        _tok_to_nat(v, 8, 7)
+        # effective-delta gradient: through the decay and through delta*u; u gradient: delta*u and D paths
         gda.addcmul_(gxn, un)
         gu = gxn.mul_(dn)
-        if D is not None:
-            gu.addcmul_(go, D[:, None])
+        if Dc is not None:
+            gu.addcmul_(go, Dc)
         g_u[:, :, s0:s1] = gu[:, :, :m]
         if pre is not None:
             gda.mul_(torch.sigmoid(pre))

@@ -1,0 +1,23 @@
+"""Numerical kernels: the Mamba-1 selective scan (mamba-ssm's CUDA kernel when available, else chunked PyTorch)."""
+
+from rs_engine.ops.selective_scan import (
+    DEFAULT_CHUNK_SIZE,
+    HAS_MAMBA_SSM_CUDA,
+    has_mamba_ssm_cuda,
+    mamba_ssm_status,
+    scan_backend,
+    selective_scan_chunked,
+    selective_scan_fn,
+    selective_scan_ref,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "HAS_MAMBA_SSM_CUDA",
+    "has_mamba_ssm_cuda",
+    "mamba_ssm_status",
+    "scan_backend",
+    "selective_scan_chunked",
+    "selective_scan_fn",
+    "selective_scan_ref",
+]
