@@ -413,6 +413,7 @@ class RasterSource:
         Raises:
             InputError: the raster (window) is entirely nodata, or its pixels can't be read (corrupt file).
         """
+        self._probe_last_block()
         win = self.grid.window
         step = max(1.0, max(win.width, win.height) / NODATA_CHECK_SIZE)
         shape = (len(self.bands), max(1, round(win.height / step)), max(1, round(win.width / step)))
@@ -427,6 +428,18 @@ class RasterSource:
                     return
         where = " inside --extent" if (win.width, win.height) != (self._ds.width, self._ds.height) else ""
         raise InputError(f"{self.path}: raster is entirely nodata{where}")
+
+    def _probe_last_block(self) -> None:
+        """Read the last block of each selected band: a truncated file loses its last blocks first, so this
+        finds truncation before any output exists, at the cost of one block read."""
+        for band in sorted(set(self.bands)):
+            bh, bw = self._ds.block_shapes[band - 1]
+            row, col = (self._ds.height - 1) // bh, (self._ds.width - 1) // bw
+            window = self._ds.block_window(band, row, col)
+            try:
+                self._ds.read(band, window=window)
+            except RasterioError as exc:
+                raise self._read_error(window, exc) from None
 
     def _valid(self, window: Window, shape: tuple[int, int, int]) -> np.ndarray:
         """(H, W) bool: pixels valid in at least one selected band (GDAL mask: nodata value, alpha, mask band)

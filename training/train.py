@@ -110,7 +110,7 @@ def train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.D
                 scaler.step(opt)
                 scaler.update()
                 state["step"] += 1
-                running += float(loss)
+                running += float(loss.detach())
                 n += 1
                 if state["step"] % 20 == 0:
                     log.info("epoch %d step %d lr %.2e loss %.3f", state["epoch"], state["step"], lr, running / n)
