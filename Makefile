@@ -37,6 +37,7 @@ lint: venv
 
 bench: venv
 	$(PY) bench/scan.py --out bench/results
+	$(PY) bench/backbones.py --out bench/results
 
 lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \

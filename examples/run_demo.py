@@ -9,15 +9,19 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-import matplotlib
+# Debian's mpl_toolkits (system site-packages) sits beside the venv's matplotlib; 3D axes aren't used here.
+warnings.filterwarnings("ignore", message="Unable to import Axes3D")
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyogrio  # noqa: E402
 import rasterio  # noqa: E402
+import rasterio.errors  # noqa: E402
 import shapely  # noqa: E402
 from matplotlib.patches import PathPatch  # noqa: E402
 from matplotlib.path import Path as MplPath  # noqa: E402
@@ -55,7 +59,10 @@ def main() -> int:
 
 def preview(raster: Path, gpkg: Path, png: Path) -> None:
     """Draw the raster (first band or RGB, 2-98 % stretch) and the polygons, coloured by class, with scores."""
-    with rasterio.open(raster) as ds:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        ds = rasterio.open(raster)
+    with ds:
         img = ds.read(list(range(1, min(ds.count, 3) + 1))).astype(np.float32)
         georef = ds.crs is not None
         left, bottom, right, top = ds.bounds if georef else (0, -ds.height, ds.width, 0)

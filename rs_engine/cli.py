@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per written batch otherwise
         if args.command == "segment":
             return _segment(args, emit)
         if args.command == "models":
