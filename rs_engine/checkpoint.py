@@ -215,6 +215,25 @@ def save_model(
     return path
 
 
+def update_card(path: str | os.PathLike, card: ModelCard) -> Path:
+    """Rewrite a model file's card, keeping its tensors exactly as stored (e.g. to add test metrics).
+
+    Raises:
+        InputError: as :func:`load_state`.
+    """
+    state, _ = load_state(path)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={CARD_KEY: card.to_json(), "format": "delineate"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -114,3 +114,17 @@ def test_bad_model_files(tmp_path) -> None:
     wrong = save_model(tmp_path / "w.safetensors", build_model(config), _card(other))
     with pytest.raises(InputError, match="don't match"):
         load_model(wrong)
+
+
+def test_update_card_keeps_weights(tmp_path) -> None:
+    from rs_engine.checkpoint import load_state, update_card
+
+    config = ModelConfig(tile_size=64)
+    path = save_model(tmp_path / "m.safetensors", build_model(config), _card(config), half=True)
+    before, card = load_state(path)
+    card.provenance["metrics"] = {"test": {"segm": {"AP": 12.5}}}
+    update_card(path, card)
+    after, card2 = load_state(path)
+    assert card2.provenance["metrics"]["test"]["segm"]["AP"] == 12.5
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--max-images", type=int)
     e.add_argument("--json", type=Path, help="write the metrics here")
+    e.add_argument("--record", metavar="SPLIT", help="store the metrics in the model card's provenance under "
+                   "metrics[SPLIT] (e.g. test); the model must be a file path")
     return p
 
 
@@ -126,6 +128,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     bands = list(range(card.bands))
     ds = CocoChips(args.coco, args.images, ChipSpec(card.tile_size, bands, card.mean, card.std), train=False)
     metrics = evaluate_coco(model, ds, device=device, max_images=args.max_images)
+    if args.record:
+        from rs_engine.checkpoint import read_card, update_card
+
+        card = read_card(args.model)
+        card.provenance.setdefault("metrics", {})[args.record] = {
+            **metrics, "data": str(args.coco), "command": " ".join(["rs-train", *sys.argv[1:]])}
+        update_card(args.model, card)
     text = json.dumps(metrics, indent=1)
     if args.json:
         args.json.write_text(text)
