@@ -139,6 +139,9 @@ def segment(
         plans = [s.plan(tile_size, overlap) for s in sources]
         if predictor is None:
             predictor, card = load_model(options.model, _resolve_device(options.device))
+            # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each detection
+            # (200 x T x T floats per tile otherwise).
+            predictor.roi_heads.score_thresh = max(predictor.roi_heads.score_thresh, score_threshold)
         run = _Run(
             sources=sources,
             plans=plans,
