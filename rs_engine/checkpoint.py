@@ -207,7 +207,7 @@ def save_model(
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -227,11 +227,19 @@ def update_card(path: str | os.PathLike, card: ModelCard) -> Path:
     os.close(fd)
     try:
         save_file(state, tmp, metadata={CARD_KEY: card.to_json(), "format": "delineate"})
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file (mkstemp makes it 0600) the usual permissions, then rename it onto ``path``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def _first_line(exc: BaseException) -> str:
