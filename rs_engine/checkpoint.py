@@ -202,15 +202,7 @@ def save_model(
         if half and value.is_floating_point():
             value = value.half()
         state[key] = value
-    metadata = {CARD_KEY: card.to_json(), "format": "delineate"}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        _publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _write(path, state, card)
     log.info("wrote model %s (%d tensors)", path, len(state))
     return path
 
@@ -223,23 +215,23 @@ def update_card(path: str | os.PathLike, card: ModelCard) -> Path:
     """
     state, _ = load_state(path)
     path = Path(path)
+    _write(path, state, card)
+    return path
+
+
+def _write(path: Path, state: dict[str, torch.Tensor], card: ModelCard) -> None:
+    """Write tensors + card to a temp file beside ``path``, then rename it onto ``path`` (atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(state, tmp, metadata={CARD_KEY: card.to_json(), "format": "delineate"})
-        _publish(tmp, path)
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual permissions
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give the temp file (mkstemp makes it 0600) the usual permissions, then rename it onto ``path``."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
 
 
 def _first_line(exc: BaseException) -> str:
