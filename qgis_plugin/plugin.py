@@ -27,15 +27,23 @@ class DelineatePlugin:
         self.actions.clear()
 
     def check_engine(self) -> None:
-        """Run `rs-engine doctor` in a separate process and show what it says."""
+        """Run `rs-engine doctor` in a separate process (QProcess: QGIS stays responsive) and show its report."""
         import shutil
-        import subprocess
 
+        from qgis.PyQt.QtCore import QProcess
         from qgis.PyQt.QtWidgets import QMessageBox
 
         exe = shutil.which("rs-engine")
         if exe is None:
             QMessageBox.warning(self.iface.mainWindow(), "Delineate", "rs-engine not found on PATH")
             return
-        done = subprocess.run([exe, "doctor"], capture_output=True, text=True, timeout=120)
-        QMessageBox.information(self.iface.mainWindow(), "Delineate engine", done.stdout or done.stderr)
+        proc = QProcess(self.iface.mainWindow())
+        proc.setProcessChannelMode(QProcess.MergedChannels)
+
+        def show(*_args) -> None:
+            text = bytes(proc.readAll()).decode(errors="replace")
+            QMessageBox.information(self.iface.mainWindow(), "Delineate engine", text or "no output")
+            proc.deleteLater()
+
+        proc.finished.connect(show)
+        proc.start(exe, ["doctor"])
