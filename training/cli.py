@@ -87,11 +87,10 @@ def _train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
     bands = [int(b) - 1 for b in args.bands.split(",")]
-    probe = CocoChips(args.coco, args.images, ChipSpec(args.chip_size, bands, [0.0] * len(bands),
-                                                        [1.0] * len(bands)))
-    mean, std = band_statistics(probe)
-    spec = ChipSpec(args.chip_size, bands, mean, std)
+    spec = ChipSpec(args.chip_size, bands, [0.0] * len(bands), [1.0] * len(bands))
     train_set = CocoChips(args.coco, args.images, spec, train=True, chips_per_image=args.chips_per_image)
+    # Statistics of the raw images (band_statistics reads them unnormalised), then the chips use them.
+    spec.mean, spec.std = mean, std = band_statistics(train_set)
     config = ModelConfig(backbone=args.model_config, in_channels=len(bands),
                          num_classes=len(train_set.class_names), tile_size=args.chip_size)
     torch.manual_seed(0)

@@ -233,17 +233,11 @@ class SSMBackbone(nn.Module):
 
     def scan_flops(self, b: int, h: int, w: int) -> int:
         """FLOPs of all selective scans for a (B, C, H, W) input (see :meth:`SS2D.scan_flops`)."""
-        total = 0
-        for m in self.modules():
-            if isinstance(m, SS2D):
-                total += m.scan_flops(b, *self._grid_of(m, h, w))
-        return total
-
-    def _grid_of(self, mixer: SS2D, h: int, w: int) -> tuple[int, int]:
         if not self.cfg.hierarchical:
-            return h // 16, w // 16
-        for i, stage in enumerate(self.stages):
-            if any(m is mixer for m in stage.modules()):
-                s = 4 * 2**i
-                return h // s, w // s
-        raise ValueError("mixer not in this backbone")
+            return sum(m.scan_flops(b, h // 16, w // 16) for m in self.blocks.modules() if isinstance(m, SS2D))
+        return sum(
+            m.scan_flops(b, h // (4 * 2**i), w // (4 * 2**i))
+            for i, stage in enumerate(self.stages)
+            for m in stage.modules()
+            if isinstance(m, SS2D)
+        )
