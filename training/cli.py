@@ -1,7 +1,12 @@
-"""``rs-train``: train and evaluate models. Imports rs_engine; rs_engine never imports training.
+"""``rs-train``: train, fine-tune and evaluate models. Imports rs_engine; rs_engine never imports training.
 
-Commands here: ``train`` (COCO dataset) and ``evaluate`` (COCO dataset). Fine-tuning on local annotations,
-distillation and pretraining come with their issues. Exit codes as ``rs-engine``: 0, 1, 2 (bad input), 130.
+Commands: ``train`` (COCO dataset), ``finetune`` (rasters + a polygon layer: the analyst's own annotations) and
+``evaluate`` (COCO dataset, or rasters + polygons through the tiled ``rs-engine segment`` pipeline). Distillation
+and pretraining come with their issues. Exit codes as ``rs-engine``: 0, 1, 2 (bad input), 130 (cancelled; re-run
+the same command to resume). ``--progress jsonl`` writes one JSON object per line on stdout:
+``{"event": "progress", "epoch", "epochs", "done", "total", "loss"}``, ``{"event": "epoch", "epoch", "loss",
+"mask_ap", "box_ap", "minutes"}``, then ``{"event": "done", "output", "metrics"}`` or ``{"event": "error",
+"message"}``. Under ``torchrun --nproc_per_node N`` training runs with DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -9,44 +14,95 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rs_engine.errors import InputError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line + exit 2 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"usage: {message}")
+
+
+def _bands(text: str) -> list[int]:
+    try:
+        bands = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bands needs comma-separated band numbers, got {text!r}") from None
+    if not bands or min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"--bands {text}: band numbers start at 1")
+    return bands
+
+
+def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int, batch: int) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=batch, help="chips per step (per process under torchrun)")
+    g.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, default=warmup)
+    g.add_argument("--freeze-backbone", action="store_true", help="train only the FPN and heads")
+    g.add_argument("--freeze-stages", type=int, default=0, help="freeze the stem and the first N backbone stages")
+    g.add_argument("--patience", type=int, help="stop after N evaluations without validation mask AP gain")
+    g.add_argument("--max-minutes", type=float, help="stop after this much training time (re-run to continue)")
+    g.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    g.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rs-train", description="Train and evaluate Delineate models.")
+    p = _Parser(prog="rs-train", description="Train, fine-tune and evaluate Delineate models.")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model on a COCO instance dataset")
     t.add_argument("--coco", required=True, type=Path, help="COCO instance JSON of the training split")
     t.add_argument("--images", required=True, type=Path, help="folder the JSON's file names are relative to")
     t.add_argument("--val-coco", type=Path, help="COCO JSON of the validation split (mask AP picks the best)")
-    t.add_argument("--val-images", type=Path)
-    t.add_argument("--model-config", default="ssm_tiny", help="backbone name (ssm_tiny, ssm_small, ...)")
+    t.add_argument("--val-images", type=Path, help="folder of the validation images (default: --images)")
+    t.add_argument("--val-max-images", type=int, help="evaluate on the first N validation images only")
+    t.add_argument("--model-config", default="ssm_tiny", help="backbone name (ssm_tiny, ssm_small, resnet50...)")
+    t.add_argument("--init", help="initialise from this model (name or file); layers that differ stay new")
     t.add_argument("--out", required=True, type=Path, help="output model file (.safetensors)")
     t.add_argument("--name", help="model name in the card (default: output file stem)")
-    t.add_argument("--bands", default="1,2,3", help="image bands to use, 1-based (e.g. 1 for SAR)")
+    t.add_argument("--bands", default="1,2,3", type=_bands, help="image bands to use, 1-based (e.g. 1 for SAR)")
     t.add_argument("--chip-size", type=int, default=512)
     t.add_argument("--chips-per-image", type=int, default=1)
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--batch-size", type=int, default=4)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup-steps", type=int, default=200)
-    t.add_argument("--max-minutes", type=float, help="stop after this much training time")
-    t.add_argument("--checkpoint-minutes", type=float, default=10.0)
-    t.add_argument("--val-max-images", type=int, help="evaluate on the first N validation images only")
     t.add_argument("--gsd", type=float, help="training GSD in m/px for the model card")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--workers", type=int, default=1)
+    _optim_args(t, epochs=12, lr=1e-3, warmup=200, batch=4)
 
-    e = sub.add_parser("evaluate", help="COCO mask and box AP of a model on a COCO dataset")
+    f = sub.add_parser("finetune", help="fine-tune a model on rasters + a polygon layer (your own annotations)")
+    f.add_argument("--raster", required=True, type=Path, action="append", help="raster file (repeatable)")
+    f.add_argument("--labels", required=True, type=Path, help="polygon layer (GeoPackage, GeoJSON, Shapefile)")
+    f.add_argument("--class-field", required=True, help="attribute holding each polygon's class")
+    f.add_argument("--aoi", type=Path, help="polygons of the fully annotated area (default: around the labels)")
+    f.add_argument("--base-model", default="nwpu10", help="bundled model name or model file to start from")
+    f.add_argument("--out", required=True, type=Path, help="output model file (.safetensors)")
+    f.add_argument("--name", help="model name in the card (default: output file stem)")
+    f.add_argument("--bands", type=_bands, help="raster bands to feed the model, 1-based (repeats allowed)")
+    f.add_argument("--chip-size", type=int, help="training chip size in px (default: the base model's tile)")
+    f.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the annotated area held out for validation, split by blocks (0: none)")
+    _optim_args(f, epochs=20, lr=3e-4, warmup=20, batch=2)
+
+    e = sub.add_parser("evaluate", help="COCO mask and box AP of a model (COCO dataset or rasters + polygons)")
     e.add_argument("--model", required=True, help="bundled model name or model file")
-    e.add_argument("--coco", required=True, type=Path)
-    e.add_argument("--images", required=True, type=Path)
+    e.add_argument("--coco", type=Path, help="COCO JSON (with --images)")
+    e.add_argument("--images", type=Path)
+    e.add_argument("--raster", type=Path, action="append", help="raster file (repeatable; with --labels)")
+    e.add_argument("--labels", type=Path, help="ground-truth polygon layer")
+    e.add_argument("--class-field", help="attribute holding each polygon's class")
+    e.add_argument("--aoi", type=Path, help="evaluate only inside these polygons")
+    e.add_argument("--bands", type=_bands, help="raster bands to feed the model, 1-based")
+    e.add_argument("--class-agnostic", action="store_true", help="score objects whatever their class")
     e.add_argument("--device", default="auto")
     e.add_argument("--max-images", type=int)
     e.add_argument("--json", type=Path, help="write the metrics here")
@@ -55,18 +111,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Reporter:
+    """Progress and errors as a tqdm bar (stderr), JSON lines (stdout) or nothing."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.bar, self.epoch = mode, None, None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.mode == "jsonl":
+            print(json.dumps(event), flush=True)
+        elif self.mode == "bar":
+            if event["event"] == "progress":
+                if self.bar is None or self.epoch != event["epoch"]:
+                    from tqdm import tqdm
+
+                    self.close()
+                    self.epoch = event["epoch"]
+                    self.bar = tqdm(total=event["total"], initial=event["done"] - 1, unit="step", file=sys.stderr,
+                                    desc=f"epoch {event['epoch']}/{event['epochs']}")
+                self.bar.update(1)
+                self.bar.set_postfix(loss=event["loss"], refresh=False)
+            elif event["event"] == "epoch" and event.get("mask_ap") is not None:
+                self.close()
+                print(f"epoch {event['epoch']}: loss {event['loss']}, validation mask AP {event['mask_ap']}, "
+                      f"box AP {event['box_ap']}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def error(self, message: str) -> None:
+        self.close()
+        if self.mode == "jsonl":
+            print(json.dumps({"event": "error", "message": message}), flush=True)
+        print(f"rs-train: error: {message}", file=sys.stderr)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = "jsonl" if "--progress=jsonl" in argv or any(
+        a == "--progress" and b == "jsonl" for a, b in zip(argv, argv[1:])) else "bar"
+    report = _Reporter(mode)
+    # SIGTERM (the QGIS plugin's Cancel, a batch scheduler) ends like Ctrl-C: checkpoint kept, exit 130.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _train(args) if args.command == "train" else _evaluate(args)
+        args = build_parser().parse_args(argv)
+        report.mode = getattr(args, "progress", mode)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        command = {"train": _train, "finetune": _finetune, "evaluate": _evaluate}[args.command]
+        result = command(args, report)
     except InputError as exc:
-        print(f"rs-train: error: {exc}", file=sys.stderr)
+        report.error(str(exc))
         return 2
     except KeyboardInterrupt:
+        report.close()
+        if mode == "jsonl":
+            print(json.dumps({"event": "cancelled"}), flush=True)
         print("rs-train: cancelled (re-run the same command to resume)", file=sys.stderr)
         return 130
+    report.close()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"event": "done", **result}) if report.mode == "jsonl" else json.dumps(result, indent=1),
+              flush=True)
+    return 0
 
 
 def _device(name: str) -> str:
@@ -74,71 +187,183 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: use auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available to PyTorch here")
     return name
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):  # noqa: ANN202
+    from training.train import TrainConfig
+
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                       max_minutes=args.max_minutes, checkpoint_minutes=args.checkpoint_minutes,
+                       num_workers=args.workers, freeze_backbone=args.freeze_backbone,
+                       freeze_stages=args.freeze_stages, patience=args.patience, seed=args.seed)
+
+
+def _command() -> str:
+    return " ".join(["rs-train", *sys.argv[1:]])
+
+
+def _train(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     import torch
 
     from rs_engine.checkpoint import ModelCard
     from rs_engine.models import ModelConfig, build_model
     from training.coco import ChipSpec, CocoChips, band_statistics
     from training.evaluate import evaluate_coco
-    from training.train import TrainConfig, train
+    from training.train import init_from, train
 
-    bands = [int(b) - 1 for b in args.bands.split(",")]
+    bands = [b - 1 for b in args.bands]
     spec = ChipSpec(args.chip_size, bands, [0.0] * len(bands), [1.0] * len(bands))
-    train_set = CocoChips(args.coco, args.images, spec, train=True, chips_per_image=args.chips_per_image)
+    train_set = CocoChips(args.coco, args.images, spec, train=True, chips_per_image=args.chips_per_image,
+                          seed=args.seed)
     # Statistics of the raw images (band_statistics reads them unnormalised), then the chips use them.
     spec.mean, spec.std = mean, std = band_statistics(train_set)
     config = ModelConfig(backbone=args.model_config, in_channels=len(bands),
                          num_classes=len(train_set.class_names), tile_size=args.chip_size)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = build_model(config)
+    provenance: dict[str, Any] = {"data": str(args.coco), "command": _command()}
+    if args.init:
+        provenance["init"] = init_from(model, args.init)
     card = ModelCard(
         name=args.name or args.out.stem, version="0.1", architecture=config.to_dict(),
         class_names=train_set.class_names, bands=len(bands), mean=mean, std=std, gsd=args.gsd,
-        tile_size=args.chip_size, overlap=args.chip_size // 4, score_threshold=0.5,
-        provenance={"data": str(args.coco), "command": " ".join(sys.argv)},
+        tile_size=args.chip_size, overlap=args.chip_size // 4, score_threshold=0.5, provenance=provenance,
     )
     evaluate = None
+    device = _device(args.device)
     if args.val_coco:
         val_set = CocoChips(args.val_coco, args.val_images or args.images, spec, train=False)
-        device = _device(args.device)
 
         def evaluate(m):  # noqa: ANN001, ANN202
             return evaluate_coco(m, val_set, device=device, max_images=args.val_max_images)
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      warmup_steps=args.warmup_steps, max_minutes=args.max_minutes,
-                      checkpoint_minutes=args.checkpoint_minutes, num_workers=args.workers)
-    metrics = train(model, card, train_set, args.out, cfg, evaluate=evaluate, device=_device(args.device))
-    print(json.dumps({"output": str(args.out), "metrics": metrics}))
-    return 0
+    metrics = train(model, card, train_set, args.out, _train_config(args), evaluate=evaluate, device=device,
+                    progress=report)
+    return {"output": str(args.out), "metrics": metrics}
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from rs_engine.checkpoint import load_model
-    from training.coco import ChipSpec, CocoChips
-    from training.evaluate import evaluate_coco
+def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
+    import torch
+
+    from rs_engine.checkpoint import ModelCard, read_card
+    from rs_engine.models import ModelConfig, build_model
+    from training.coco import ChipSpec
+    from training.evaluate import evaluate_chips
+    from training.local import LocalChips
+    from training.train import init_from, train
+
+    base = read_card(args.base_model)
+    bands = _raster_bands(args.raster, base.bands, args.bands)
+    size = args.chip_size or base.tile_size
+    if not 0 <= args.val_fraction < 1:
+        raise InputError(f"--val-fraction {args.val_fraction}: use a value in [0, 1)")
+    spec = ChipSpec(size, [b - 1 for b in bands], [0.0] * len(bands), [1.0] * len(bands))
+    common = dict(rasters=args.raster, labels=args.labels, class_field=args.class_field, spec=spec, aoi=args.aoi,
+                  val_fraction=args.val_fraction, seed=args.seed, bands=bands)
+    train_set = LocalChips(**common, split="train" if args.val_fraction > 0 else "all", train=True)
+    # New sensor, new radiometry: normalise with the statistics of the analyst's rasters, not the base model's.
+    spec.mean, spec.std = mean, std = train_set.band_statistics()
+    config = ModelConfig(**{**base.architecture, "num_classes": len(train_set.class_names), "tile_size": size})
+    torch.manual_seed(args.seed)
+    model = build_model(config)
+    init = init_from(model, args.base_model, same_classes=base.class_names == train_set.class_names)
+    card = ModelCard(
+        name=args.name or args.out.stem, version="0.1", architecture=config.to_dict(),
+        class_names=train_set.class_names, bands=len(bands), mean=mean, std=std,
+        gsd=_raster_gsd(args.raster[0]) or base.gsd, tile_size=size, overlap=size // 4,
+        score_threshold=base.score_threshold,
+        provenance={"data": {"rasters": [str(r) for r in args.raster], "labels": str(args.labels),
+                             "class_field": args.class_field, "aoi": str(args.aoi) if args.aoi else None},
+                    "base_model": base.label, "init": init, "command": _command()},
+    )
+    evaluate = None
+    device = _device(args.device)
+    if args.val_fraction > 0:
+        val_set = LocalChips(**common, class_names=train_set.class_names, split="val", train=False)
+
+        def evaluate(m):  # noqa: ANN001, ANN202
+            return evaluate_chips(m, val_set, train_set.class_names, device=device)
+
+    metrics = train(model, card, train_set, args.out, _train_config(args), evaluate=evaluate, device=device,
+                    progress=report)
+    return {"output": str(args.out), "classes": train_set.class_names, "metrics": metrics}
+
+
+def _raster_bands(rasters: Sequence[Path], model_bands: int, bands: list[int] | None) -> list[int]:
+    """1-based raster bands to feed a ``model_bands``-band model: ``bands`` when given (checked), else the first
+    ones, and a single-band raster repeated (pan or SAR into an RGB model)."""
+    from rs_engine.raster import open_raster
+
+    counts = []
+    for r in rasters:
+        with open_raster(r) as ds:
+            counts.append(ds.count)
+    n = min(counts)
+    if bands is not None:
+        if len(bands) != model_bands:
+            raise InputError(f"--bands {','.join(map(str, bands))}: the base model takes {model_bands} band(s)")
+        if max(bands) > n:
+            raise InputError(f"--bands: {rasters[counts.index(n)]} has {n} band(s), no band {max(bands)}")
+        return bands
+    if n >= model_bands:
+        return list(range(1, model_bands + 1))
+    if n == 1:
+        return [1] * model_bands
+    raise InputError(f"{rasters[counts.index(n)]}: has {n} bands but the base model takes {model_bands}: "
+                     f"pick them with --bands (e.g. --bands {','.join(['1'] * model_bands)})")
+
+
+def _raster_gsd(raster: Path) -> float | None:
+    """Mean pixel size in metres of a raster (None without georeferencing), for the fine-tuned model's card."""
+    from rs_engine.raster import open_raster, pixel_size_m
+
+    with open_raster(raster) as ds:
+        size = pixel_size_m(ds.crs, ds.transform, ds.width, ds.height)
+    return round((size[0] + size[1]) / 2, 4) if size else None
+
+
+def _evaluate(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
+    from rs_engine.checkpoint import load_model, read_card, update_card
 
     device = _device(args.device)
-    model, card = load_model(args.model, device)
-    bands = list(range(card.bands))
-    ds = CocoChips(args.coco, args.images, ChipSpec(card.tile_size, bands, card.mean, card.std), train=False)
-    metrics = evaluate_coco(model, ds, device=device, max_images=args.max_images)
-    if args.record:
-        from rs_engine.checkpoint import read_card, update_card
+    if args.coco:
+        if not args.images:
+            raise InputError("--coco needs --images, the folder of its images")
+        from training.coco import ChipSpec, CocoChips
+        from training.evaluate import evaluate_coco
 
+        model, card = load_model(args.model, device)
+        bands = list(range(card.bands))
+        ds = CocoChips(args.coco, args.images, ChipSpec(card.tile_size, bands, card.mean, card.std), train=False)
+        metrics = evaluate_coco(model, ds, device=device, max_images=args.max_images)
+        data: Any = str(args.coco)
+    elif args.raster and args.labels:
+        if not args.class_field:
+            raise InputError("--labels needs --class-field, the attribute holding each polygon's class")
+        from training.evaluate import evaluate_raster
+
+        metrics = evaluate_raster(args.model, args.raster, args.labels, args.class_field, aoi=args.aoi,
+                                  device=device, bands=args.bands, class_agnostic=args.class_agnostic)
+        data = {"rasters": [str(r) for r in args.raster], "labels": str(args.labels),
+                "aoi": str(args.aoi) if args.aoi else None, "class_agnostic": args.class_agnostic}
+    else:
+        raise InputError("evaluate needs --coco ANN.json --images DIR, or --raster R.tif --labels L.gpkg "
+                         "--class-field F")
+    if args.record:
         card = read_card(args.model)
-        card.provenance.setdefault("metrics", {})[args.record] = {
-            **metrics, "data": str(args.coco), "command": " ".join(["rs-train", *sys.argv[1:]])}
+        card.provenance.setdefault("metrics", {})[args.record] = {**metrics, "data": data, "command": _command()}
         update_card(args.model, card)
-    text = json.dumps(metrics, indent=1)
     if args.json:
-        args.json.write_text(text)
-    print(text)
-    return 0
+        args.json.write_text(json.dumps(metrics, indent=1))
+    return metrics
 
 
 def entry_point() -> None:

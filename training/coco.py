@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from rs_engine.errors import InputError
+from training.augment import AugmentConfig, augment, crop_size, make_target, resize
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,17 @@ class CocoChips(torch.utils.data.Dataset):
         annotations: COCO JSON path.
         images: folder the ``file_name`` entries are relative to.
         spec: chip size, bands and normalisation.
-        train: random chip positions and augmentation (flips, 90-degree rotations); otherwise one chip per
+        train: random chip positions and augmentation (:mod:`training.augment`); otherwise one chip per
             image at the top-left corner (use whole-image evaluation for metrics instead).
         chips_per_image: how many random chips one epoch takes from each image (training).
+        augment: augmentation settings (default :class:`AugmentConfig`).
 
     Raises:
         InputError: the JSON or an image is missing or unreadable.
     """
 
     def __init__(self, annotations: str | Path, images: str | Path, spec: ChipSpec, train: bool = True,
-                 chips_per_image: int = 1, seed: int = 0) -> None:
+                 chips_per_image: int = 1, seed: int = 0, augment: AugmentConfig | None = None) -> None:
         annotations, self.images = Path(annotations), Path(images)
         if not annotations.is_file():
             raise InputError(f"{annotations}: COCO annotation file not found")
@@ -66,6 +68,7 @@ class CocoChips(torch.utils.data.Dataset):
         self.ids = sorted(self.coco.getImgIds())
         self.spec, self.train, self.chips_per_image = spec, train, chips_per_image
         self.rng = np.random.default_rng(seed)
+        self.augment = augment or AugmentConfig()
 
     def __len__(self) -> int:
         return len(self.ids) * (self.chips_per_image if self.train else 1)
@@ -101,43 +104,24 @@ class CocoChips(torch.utils.data.Dataset):
         _, h, w = img.shape
         masks, labels = self.instances(image_id, h, w)
         s = self.spec.size
-        y0 = int(self.rng.integers(0, h - s + 1)) if self.train and h > s else 0
-        x0 = int(self.rng.integers(0, w - s + 1)) if self.train and w > s else 0
+        c = crop_size(s, self.rng, self.augment) if self.train else s
+        y0 = int(self.rng.integers(0, h - c + 1)) if self.train and h > c else 0
+        x0 = int(self.rng.integers(0, w - c + 1)) if self.train and w > c else 0
         mean = np.asarray(self.spec.mean, np.float32)[:, None, None]
         std = np.asarray(self.spec.std, np.float32)[:, None, None]
-        chip = np.zeros((img.shape[0], s, s), np.float32)  # padding = band mean -> 0 after normalisation
-        crop = img[:, y0:y0 + s, x0:x0 + s]
+        chip = np.zeros((img.shape[0], c, c), np.float32)  # padding = band mean -> 0 after normalisation
+        crop = img[:, y0:y0 + c, x0:x0 + c]
         chip[:, : crop.shape[1], : crop.shape[2]] = (crop - mean) / std
-        cm = np.zeros((len(masks), s, s), np.uint8)
-        cm[:, : crop.shape[1], : crop.shape[2]] = masks[:, y0:y0 + s, x0:x0 + s]
+        cm = np.zeros((len(masks), c, c), np.uint8)
+        cm[:, : crop.shape[1], : crop.shape[2]] = masks[:, y0:y0 + c, x0:x0 + c]
         full = masks.reshape(len(masks), -1).sum(1)
         seen = cm.reshape(len(cm), -1).sum(1)
         keep = (seen >= 4) & (seen >= 0.2 * np.maximum(full, 1))
         cm, labels = cm[keep], labels[keep]
         if self.train:
-            chip, cm = _augment(chip, cm, self.rng)
-        return torch.from_numpy(np.ascontiguousarray(chip)), _target(cm, labels)
-
-
-def _augment(chip: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Overhead imagery has no up: random flips and 90-degree rotations, same for image and masks."""
-    k = int(rng.integers(0, 4))
-    chip, masks = np.rot90(chip, k, axes=(1, 2)), np.rot90(masks, k, axes=(1, 2))
-    if rng.random() < 0.5:
-        chip, masks = chip[:, :, ::-1], masks[:, :, ::-1]
-    return chip, masks
-
-
-def _target(masks: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
-    boxes = np.zeros((len(masks), 4), np.float32)
-    for i, m in enumerate(masks):
-        ys, xs = np.nonzero(m)
-        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    return {
-        "boxes": torch.from_numpy(boxes),
-        "labels": torch.from_numpy(labels.astype(np.int64)),
-        "masks": torch.from_numpy(np.ascontiguousarray(masks)),
-    }
+            chip, cm = resize(chip, cm, s)
+            chip, cm = augment(chip, cm, self.rng, self.augment)
+        return torch.from_numpy(np.ascontiguousarray(chip)), make_target(cm, labels)
 
 
 def band_statistics(dataset: CocoChips, max_images: int = 200) -> tuple[list[float], list[float]]:
