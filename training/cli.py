@@ -271,7 +271,8 @@ def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     train_set = LocalChips(**common, split="train" if args.val_fraction > 0 else "all", train=True)
     # New sensor, new radiometry: normalise with the statistics of the analyst's rasters, not the base model's.
     spec.mean, spec.std = mean, std = train_set.band_statistics()
-    config = ModelConfig(**{**base.architecture, "num_classes": len(train_set.class_names), "tile_size": size})
+    config = ModelConfig(**{**base.architecture, "num_classes": len(train_set.class_names), "tile_size": size,
+                            "in_channels": len(bands)})
     torch.manual_seed(args.seed)
     model = build_model(config)
     init = init_from(model, args.base_model, same_classes=base.class_names == train_set.class_names)
@@ -298,8 +299,9 @@ def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
 
 
 def _raster_bands(rasters: Sequence[Path], model_bands: int, bands: list[int] | None) -> list[int]:
-    """1-based raster bands to feed a ``model_bands``-band model: ``bands`` when given (checked), else the first
-    ones, and a single-band raster repeated (pan or SAR into an RGB model)."""
+    """1-based raster bands the fine-tuned model takes: ``bands`` when given (checked against every raster), else
+    the first ``model_bands`` bands, or all of them when a raster has fewer (the model's input conv is adapted, see
+    :func:`training.train.adapt_input_conv`), so the new model reads the analyst's rasters as they are."""
     from rs_engine.raster import open_raster
 
     counts = []
@@ -308,17 +310,10 @@ def _raster_bands(rasters: Sequence[Path], model_bands: int, bands: list[int] | 
             counts.append(ds.count)
     n = min(counts)
     if bands is not None:
-        if len(bands) != model_bands:
-            raise InputError(f"--bands {','.join(map(str, bands))}: the base model takes {model_bands} band(s)")
         if max(bands) > n:
             raise InputError(f"--bands: {rasters[counts.index(n)]} has {n} band(s), no band {max(bands)}")
         return bands
-    if n >= model_bands:
-        return list(range(1, model_bands + 1))
-    if n == 1:
-        return [1] * model_bands
-    raise InputError(f"{rasters[counts.index(n)]}: has {n} bands but the base model takes {model_bands}: "
-                     f"pick them with --bands (e.g. --bands {','.join(['1'] * model_bands)})")
+    return list(range(1, min(n, model_bands) + 1))
 
 
 def _raster_gsd(raster: Path) -> float | None:

@@ -66,11 +66,19 @@ def collate(batch: list) -> tuple[list, list]:
     return [b[0] for b in batch], [b[1] for b in batch]
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``cfg.lr`` then cosine decay to 1 % of it (Loshchilov & Hutter 2017, SGDR)."""
+def lr_at(step: int, total: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Linear warm-up to ``cfg.lr`` then cosine decay to 1 % of it (Loshchilov & Hutter 2017, SGDR).
+
+    With a time budget (``cfg.max_minutes``) the decay follows whichever is further along, steps or time
+    (``seconds`` of training so far), so a run cut by its budget still ends at a low learning rate: "train for
+    10 minutes" on a laptop gives a finished schedule, not a model stopped at its peak learning rate.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.max_minutes:
+        progress = max(progress, seconds / (cfg.max_minutes * 60))
+    progress = min(1.0, progress)
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -212,11 +220,12 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
                                                  worker_init_fn=_seed_worker, drop_last=True)
             net.train()
             running, n = 0.0, 0
-            lr = lr_at(state["step"], total_steps, cfg)
+            lr = lr_at(state["step"], total_steps, cfg, state["seconds"])
             for images, targets in loader:
                 images = [i.to(device, non_blocking=True) for i in images]
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-                lr = lr_at(state["step"], total_steps, cfg)
+                # DDP ranks step in lockstep, so their clocks (time-based decay) agree to within a step.
+                lr = lr_at(state["step"], total_steps, cfg, time.monotonic() - start)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 with torch.autocast("cuda", enabled=use_amp):
@@ -361,14 +370,16 @@ def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer)
 
 def init_from(model: torch.nn.Module, source: str | Path, same_classes: bool = True) -> dict[str, Any]:
     """Initialise ``model`` from a model file (bundled name or path): every tensor whose name and shape match is
-    copied; the rest (a new input band count, new classes) keeps its fresh initialisation.
+    copied; an input conv for another band count is adapted (:func:`adapt_input_conv`); the rest (new classes)
+    keeps its fresh initialisation.
 
     Args:
         same_classes: False when the class list differs: the class-specific box and mask predictors are never
             copied then, even where their shapes happen to match.
 
     Returns:
-        ``{"source", "copied", "skipped"}`` (tensor counts, and the names skipped), for the card's provenance.
+        ``{"source", "copied", "adapted", "skipped"}`` (tensors copied, names adapted and skipped), for the card's
+        provenance.
 
     Raises:
         InputError: the model file is missing or unreadable (from :mod:`rs_engine.checkpoint`).
@@ -379,12 +390,35 @@ def init_from(model: torch.nn.Module, source: str | Path, same_classes: bool = T
     state, _ = load_state(path)
     own = model.state_dict()
     predictors = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
-    copy, skipped = {}, []
+    copy, skipped, adapted = {}, [], []
     for k, v in state.items():
         if k in own and own[k].shape == v.shape and (same_classes or not k.startswith(predictors)):
             copy[k] = v.to(own[k].dtype)
+        elif k in own and _is_input_conv(own[k], v):
+            copy[k] = adapt_input_conv(v, own[k].shape[1]).to(own[k].dtype)
+            adapted.append(k)
         else:
             skipped.append(k)
     model.load_state_dict(copy, strict=False)
     log.info("initialised %d tensors from %s; %d left new", len(copy), path, len(own) - len(copy))
-    return {"source": str(source), "copied": len(copy), "skipped": skipped}
+    return {"source": str(source), "copied": len(copy), "adapted": adapted, "skipped": skipped}
+
+
+def _is_input_conv(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """A 4-D conv weight that differs only in its input channels (a different band count)."""
+    return new.ndim == old.ndim == 4 and new.shape[0] == old.shape[0] and new.shape[2:] == old.shape[2:]
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """First-layer conv weights (O, C_old, kh, kw) for ``in_channels`` input bands.
+
+    One band: the sum over the old channels, so a single band gives exactly the response the old model gave to
+    that band repeated in every channel (pan or SAR into an RGB model). Otherwise the channel mean, repeated and
+    scaled by ``C_old / in_channels`` so that equal bands again give the old response (the rule of timm's
+    ``adapt_input_conv``).
+    """
+    w = weight.float()
+    if in_channels == 1:
+        return w.sum(1, keepdim=True)
+    mean = w.mean(1, keepdim=True)
+    return mean.repeat(1, in_channels, 1, 1) * (w.shape[1] / in_channels)

@@ -93,6 +93,10 @@ def test_lr_schedule() -> None:
     assert lr_at(10, 100, cfg) == pytest.approx(1.0)
     assert lr_at(100, 100, cfg) == pytest.approx(0.01)
     assert lr_at(55, 100, cfg) == pytest.approx(0.505)
+    timed = TrainConfig(lr=1.0, warmup_steps=10, max_minutes=1.0)
+    assert lr_at(20, 100, timed, seconds=0.0) == lr_at(20, 100, cfg)  # steps further along than time
+    assert lr_at(20, 100, timed, seconds=30.0) == pytest.approx(0.505)  # half the time budget: half the decay
+    assert lr_at(20, 100, timed, seconds=90.0) == pytest.approx(0.01)
 
 
 def _tiny(num_classes: int = 2, in_channels: int = 3) -> torch.nn.Module:
@@ -138,7 +142,18 @@ def test_init_from_copies_matching_layers_only(tmp_path, make_card) -> None:
                        sd_base["roi_heads.box_predictor.cls_score.weight"])
     one_band = _tiny(num_classes=2, in_channels=1)
     info = init_from(one_band, path)
-    assert "backbone.body.patch_embed.0.weight" in info["skipped"]
+    assert info["adapted"] == ["backbone.body.patch_embed.0.weight"]
+    # A pan band into the adapted model = that band repeated into the RGB model (first layer is linear).
+    x = torch.randn(1, 1, 64, 64)
+    base.eval(), one_band.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(one_band.backbone.body.patch_embed(x),
+                                   base.backbone.body.patch_embed(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
+    five = _tiny(num_classes=2, in_channels=5)
+    init_from(five, path)
+    with torch.no_grad():
+        torch.testing.assert_close(five.backbone.body.patch_embed(x.repeat(1, 5, 1, 1)),
+                                   base.backbone.body.patch_embed(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
 
 
 def test_match_f1_hand_case() -> None:
