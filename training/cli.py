@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", help="model name in the card (default: output file stem)")
     f.add_argument("--bands", type=_bands, help="raster bands to feed the model, 1-based (repeats allowed)")
     f.add_argument("--chip-size", type=int, help="training chip size in px (default: the base model's tile)")
+    f.add_argument("--chips-per-epoch", type=int, help="training chips per epoch (default: twice the chips that "
+                   "tile the annotated area, at least 16)")
     f.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the annotated area held out for validation, split by blocks (0: none)")
     _optim_args(f, epochs=20, lr=3e-4, warmup=20, batch=2)
@@ -268,7 +270,8 @@ def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     spec = ChipSpec(size, [b - 1 for b in bands], [0.0] * len(bands), [1.0] * len(bands))
     common = dict(rasters=args.raster, labels=args.labels, class_field=args.class_field, spec=spec, aoi=args.aoi,
                   val_fraction=args.val_fraction, seed=args.seed, bands=bands)
-    train_set = LocalChips(**common, split="train" if args.val_fraction > 0 else "all", train=True)
+    train_set = LocalChips(**common, split="train" if args.val_fraction > 0 else "all", train=True,
+                           chips_per_epoch=args.chips_per_epoch)
     # New sensor, new radiometry: normalise with the statistics of the analyst's rasters, not the base model's.
     spec.mean, spec.std = mean, std = train_set.band_statistics()
     config = ModelConfig(**{**base.architecture, "num_classes": len(train_set.class_names), "tile_size": size,

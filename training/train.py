@@ -288,6 +288,11 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
                          cfg.patience, state["best_ap"], state["best_epoch"])
                 break
             distributed.barrier(d)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI maps it): keep the progress for a re-run
+        if d.main and state["step"] > 0:
+            _save_resume(resume_path, model, opt, state)
+            log.info("interrupted at step %d; state saved to %s", state["step"], resume_path)
+        raise
     finally:
         if fh:
             fh.close()
