@@ -646,6 +646,11 @@ class LocalChips(torch.utils.data.Dataset):
             r = int(rng.choice(len(self._rasters), p=self._areas / self._areas.sum()))
             centre = _random_point(self._rasters[r].region, rng)
         x0, y0 = round(centre[0] - size / 2), round(centre[1] - size / 2)
+        # Slide the window (keeping its centre inside it) into the region's box where it fits, so chips show
+        # annotated pixels rather than padding; a region narrower than a chip centres it instead.
+        minx, miny, maxx, maxy = self._rasters[r].region.bounds
+        x0 = _slide(x0, size, minx, maxx, centre[0])
+        y0 = _slide(y0, size, miny, maxy, centre[1])
         return r, Window(int(x0), int(y0), size, size)
 
     def cut(self, raster: int, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -774,6 +779,15 @@ class LocalChips(torch.utils.data.Dataset):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
+
+
+def _slide(start: int, size: int, lo: float, hi: float, centre: float) -> int:
+    """Start of a ``size`` window moved into [lo, hi] (it must still contain ``centre``); centred on [lo, hi]
+    when that is shorter than the window."""
+    if hi - lo <= size:
+        return round((lo + hi - size) / 2)
+    start = min(max(start, math.floor(lo)), math.ceil(hi) - size)
+    return int(min(max(start, math.ceil(centre) - size), math.floor(centre)))
 
 
 def _polygonal_array(geoms: np.ndarray) -> np.ndarray:
