@@ -353,3 +353,14 @@ def test_spacenet_sample() -> None:
     targets = [ds[i][1] for i in range(len(ds))]
     assert len(targets) == 16 and sum(len(t["labels"]) for t in targets) >= 43
     assert all(int(m.sum()) >= 4 for t in targets for m in t["masks"])
+
+
+def test_training_windows_stay_in_the_annotated_region(tmp_path: Path) -> None:
+    raster = write_raster(tmp_path / "r.tif", np.random.default_rng(0).integers(1, 255, (1, 256, 256), np.uint8))
+    path = write_layer(tmp_path / "l.gpkg", [px_box(10, 10, 30, 30), px_box(150, 150, 170, 170)], ["a", "a"])
+    aoi = write_layer(tmp_path / "aoi.gpkg", [px_box(0, 0, 200, 256)], ["x"])
+    ds = LocalChips([raster], path, "cls", spec(64), aoi=aoi, bands=[1, 1, 1], chips_per_epoch=8)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        _, w = ds.sample_window(rng, 64)
+        assert 0 <= w.col_off and w.col_off + 64 <= 200 and 0 <= w.row_off and w.row_off + 64 <= 256
