@@ -237,3 +237,45 @@ def test_cli_errors_are_one_line_exit_2(tmp_path) -> None:
     r = _run(["-m", "training.cli", "train", "--coco", tmp_path / "x.json", "--images", tmp_path, "--out",
               tmp_path / "m.safetensors", "--epochs", "0"])
     assert r.returncode == 2
+
+
+class _Blobs(torch.utils.data.Dataset):
+    """Two 64 px chips with one bright square each (enough for a Mask R-CNN loss)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        img = torch.zeros(3, 64, 64)
+        masks = np.zeros((1, 64, 64), np.uint8)
+        masks[0, 10 + 20 * i:30 + 20 * i, 20:40] = 1
+        img[:, torch.from_numpy(masks[0]).bool()] = 2.0
+        return img, make_target(masks, np.array([1]))
+
+
+def test_early_stopping_and_best_model(tmp_path, make_card) -> None:
+    from rs_engine.checkpoint import read_card
+    from training.train import train
+
+    aps = iter([5.0, 7.0, 6.0, 6.5, 1.0, 1.0, 1.0, 1.0])
+    calls = []
+
+    def evaluate(model):  # noqa: ANN001, ANN202
+        calls.append(1)
+        ap = next(aps)
+        return {"segm": {"AP": ap}, "bbox": {"AP": ap / 2}}
+
+    torch.manual_seed(0)
+    model = _tiny(num_classes=1)
+    card = make_card(bands=3, class_names=("blob",))
+    card.architecture = ModelConfig(backbone="ssm_tiny", num_classes=1, tile_size=64).to_dict()
+    out = tmp_path / "m.safetensors"
+    events = []
+    train(model, card, _Blobs(), out, TrainConfig(epochs=8, batch_size=1, warmup_steps=1, num_workers=0, patience=2),
+          evaluate=evaluate, progress=events.append)
+    assert len(calls) == 4  # best at epoch 2, then 2 evaluations without gain
+    saved = read_card(out)
+    assert saved.provenance["epochs"] == 2 and saved.provenance["metrics"]["segm"]["AP"] == 7.0
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["mask_ap"] for e in epochs] == [5.0, 7.0, 6.0, 6.5]
+    assert [e["done"] for e in events if e["event"] == "progress"][:2] == [1, 2]
