@@ -7,7 +7,7 @@ the same tiled pipeline as ``rs-engine segment`` (``rs-train evaluate --raster -
 The base model (``nwpu10``, RGB) gets the pan band repeated three times; it has no building class, so the
 "before" row is class-agnostic (any object counts).
 
-    .venv/bin/python examples/finetune_spacenet.py --out out/spacenet [--epochs 30] [--max-minutes 10]
+    .venv/bin/python examples/finetune_spacenet.py --out out/spacenet [--epochs 30] [--max-minutes 10] [--lr 1e-3]
 
 Writes ``OUT/{west,east}.geojson``, ``OUT/spacenet-buildings.safetensors``, ``OUT/{before,after}.json`` and prints
 a markdown table (mask AP50, mask AP, F1 at IoU 0.5, minutes).
@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--base-model", default="nwpu10")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=10.0)
+    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
     raster, labels = DATA / "sample_geotiff.tif", DATA / "geotiff_labels.geojson"
     if not raster.exists():
@@ -75,7 +76,7 @@ def main() -> None:
     t0 = time.monotonic()
     rs_train("finetune", *common, "--aoi", west, "--base-model", args.base_model, "--out", model,
              "--chip-size", "256", "--epochs", args.epochs, "--max-minutes", args.max_minutes,
-             "--val-fraction", "0", "--progress", "none")
+             "--lr", args.lr, "--val-fraction", "0", "--progress", "none")
     minutes = (time.monotonic() - t0) / 60
     after = rs_train("evaluate", "--model", model, *common, "--aoi", east, "--json", args.out / "after.json",
                      "--record", "east-half")
