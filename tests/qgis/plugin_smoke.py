@@ -1,34 +1,64 @@
-"""Run by tests/qgis/test_plugin.py under Debian's /usr/bin/python3 (QGIS's own Python), never inside the engine's
-process: PyQGIS and rasterio's GDAL must not meet in one process. Prints one JSON line of facts."""
+"""``python3 plugin_smoke.py WORKDIR``, run by tests/qgis/test_plugin.py under Debian's /usr/bin/python3 (QGIS's own
+Python), never inside the engine's process: PyQGIS and rasterio's GDAL must not meet in one process. Loads the
+plugin in real QGIS (offscreen), opens its dock (which asks the engine for its models), starts a segmentation,
+unloads the plugin while it runs and prints one JSON line of facts."""
 
-import json
 import os
 import sys
-from unittest import mock
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qgis.core import Qgis  # noqa: E402
-from qgis.PyQt.QtWidgets import QMainWindow  # noqa: E402
-from qgis.testing import start_app  # noqa: E402
+from harness import ROOT, FakeIface, child_processes, flush_deletes, load_plugin, report, wait_until  # noqa: E402
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer  # noqa: E402
+from qgis.PyQt.QtCore import QProcess  # noqa: E402
+from qgis.PyQt.QtWidgets import QAction, QDockWidget  # noqa: E402
 
-app = start_app()
-sys.path.insert(0, sys.argv[1])
-import qgis_plugin  # noqa: E402
-
-window = QMainWindow()
-iface = mock.MagicMock()
-iface.mainWindow.return_value = window
-plugin = qgis_plugin.classFactory(iface)
-plugin.initGui()
-added = iface.addPluginToRasterMenu.call_count
+iface = FakeIface()
+plugin = load_plugin(iface)
+registry = QgsApplication.processingRegistry()
+provider_loaded = registry.providerById("delineate") is not None
+algorithms = sorted(a.id() for a in registry.algorithms() if a.provider() and a.provider().id() == "delineate")
 actions = len(plugin.actions)
+menu_entries = len(iface.menu.actions())
+dock = plugin.show_dock()
+models_listed = wait_until(lambda: bool(dock.catalog.models), 120)
+models = [m.key for m in dock.catalog.models]
+dock_visible = dock.isVisible() or not dock.isHidden()
+# unload while a segmentation and a model listing run: both processes must end, nothing be left behind
+raster = QgsRasterLayer(str(ROOT / "examples" / "ssdd_001111.jpg"), "ssdd")
+QgsProject.instance().addMapLayer(raster)
+dock.select_model("ssdd-ship")
+dock.set_checked_rasters([raster.id()])
+output = os.path.join(sys.argv[1], "unload.gpkg")
+dock.output_widget.setFilePath(output)
+dock.segment_button.click()
+wait_until(lambda: dock.job is not None and dock.job.pid > 0, 30)
+dock.catalog.refresh()
+running_at_unload = dock.catalog.busy() and dock.is_busy()
+children_before = len(child_processes())
 plugin.unload()
-print(json.dumps({
+flush_deletes()
+report({
     "qgis": Qgis.QGIS_VERSION,
-    "added": added,
+    "added": iface.calls.get("addPluginToRasterMenu", 0),
     "actions": actions,
-    "removed": iface.removePluginRasterMenu.call_count,
+    "menu_entries": menu_entries,
+    "removed": iface.calls.get("removePluginRasterMenu", 0),
+    "toolbar_added": iface.calls.get("addRasterToolBarIcon", 0),
+    "toolbar_removed": iface.calls.get("removeRasterToolBarIcon", 0),
     "left": len(plugin.actions),
-    "engine_modules_loaded": sorted(m for m in ("torch", "rasterio", "rs_engine") if m in sys.modules),
-}))
+    "provider_loaded": provider_loaded,
+    "algorithms": algorithms,
+    "provider_left": registry.providerById("delineate") is not None,
+    "models_listed": models_listed,
+    "models": models,
+    "dock_visible": dock_visible,
+    "running_at_unload": running_at_unload,
+    "docks_left": len(iface.window.findChildren(QDockWidget)),
+    "processes_left": len(iface.window.findChildren(QProcess)),
+    "actions_left": len([a for a in iface.window.findChildren(QAction) if a.text() in ("Delineate", "Check engine")]),
+    "menu_left": len(iface.menu.actions()),
+    "children_before_unload": children_before,
+    "children_left": child_processes(),
+    "unload_output_left": sorted(f for f in os.listdir(sys.argv[1]) if "unload" in f),
+})

@@ -1,15 +1,22 @@
-"""The plugin in real QGIS (Debian's python3-qgis, offscreen), in its own process."""
+"""The plugin in real QGIS (Debian's python3-qgis, offscreen). Every scenario runs in its own QGIS process under
+/usr/bin/python3: this pytest process imports torch, and PyQGIS and the engine's stack must never meet in one
+process. The scenario scripts print one JSON line of facts; the assertions are here."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 QGIS_PYTHON = "/usr/bin/python3"
+SHARED = ROOT.parent / "shared" / "data" / "spacenet_samples"
 
 
 def _has_qgis() -> bool:
@@ -17,18 +24,27 @@ def _has_qgis() -> bool:
     return r.returncode == 0
 
 
+def _has_engine() -> bool:
+    return (ROOT / ".venv" / "bin" / "python").exists()
+
+
 pytestmark = pytest.mark.skipif(not _has_qgis(), reason="PyQGIS missing (make test installs python3-qgis)")
+needs_engine = pytest.mark.skipif(not _has_engine(), reason="no .venv with the engine (make venv)")
+needs_spacenet = pytest.mark.skipif(not (SHARED / "geotiff_labels.geojson").exists(),
+                                    reason=f"SpaceNet samples missing at {SHARED}")
 
 
-def test_plugin_loads_and_unloads_cleanly() -> None:
-    r = subprocess.run([QGIS_PYTHON, str(Path(__file__).with_name("plugin_smoke.py")), str(ROOT)],
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+def _scenario(script: str, *args: str, timeout: int = 300) -> dict:
+    """Run a scenario script in its own QGIS process; its last stdout line is a JSON object of facts."""
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", OMP_NUM_THREADS="1", GDAL_PAM_ENABLED="NO")
+    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    r = subprocess.run([QGIS_PYTHON, str(HERE / script), *args], capture_output=True, text=True, timeout=timeout,
+                       env=env, cwd=str(ROOT))
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     facts = json.loads(r.stdout.strip().splitlines()[-1])
-    assert facts["qgis"].startswith("3.")
-    assert facts["added"] == facts["actions"] >= 1
-    assert facts["removed"] == facts["added"] and facts["left"] == 0
     assert facts["engine_modules_loaded"] == [], "the plugin must never import the engine's stack"
+    return facts
 
 
 def test_metadata_has_required_fields() -> None:
@@ -42,3 +58,174 @@ def test_metadata_has_required_fields() -> None:
         assert g.get(key), key
     assert g["hasProcessingProvider"] == "yes"
     assert g["qgisMinimumVersion"] == "3.22" and g["qgisMaximumVersion"] == "3.99"
+
+
+def test_plugin_zip(tmp_path: Path) -> None:
+    import subprocess as sp
+    import zipfile
+
+    out = tmp_path / "delineate.zip"
+    sp.run([QGIS_PYTHON, str(ROOT / "qgis_plugin" / "build_zip.py"), str(out)], check=True)
+    names = zipfile.ZipFile(out).namelist()
+    assert "delineate/__init__.py" in names and "delineate/metadata.txt" in names
+    assert "delineate/processing_provider.py" in names
+    assert all(n.startswith("delineate/") for n in names)
+    assert not any("__pycache__" in n or "build_zip" in n for n in names)
+
+
+@needs_engine
+def test_plugin_loads_and_unloads_cleanly(tmp_path: Path) -> None:
+    facts = _scenario("plugin_smoke.py", str(tmp_path), timeout=180)
+    assert facts["qgis"].startswith("3.")
+    assert facts["added"] == facts["actions"] == facts["menu_entries"] >= 1
+    assert facts["removed"] == facts["added"] and facts["left"] == 0 and facts["menu_left"] == 0
+    assert facts["toolbar_added"] == facts["toolbar_removed"] == 1
+    assert facts["provider_loaded"] and not facts["provider_left"]
+    assert facts["algorithms"] == ["delineate:finetune", "delineate:segment"]
+    assert facts["models_listed"] and {"nwpu10", "ssdd-ship"} <= set(facts["models"])
+    assert facts["running_at_unload"], "the scenario should unload while the engine is running"
+    assert facts["children_before_unload"] == 2 and facts["children_left"] == []
+    assert facts["unload_output_left"] == []
+    assert facts["docks_left"] == 0 and facts["processes_left"] == 0 and facts["actions_left"] == 0
+
+
+@needs_engine
+def test_dock_segments_two_rasters_into_styled_layers_in_raster_crs(tmp_path: Path) -> None:
+    facts = _scenario("dock_scenarios.py", "segment", str(tmp_path))
+    assert facts["ok"], facts["message"]
+    assert facts["tile_prefilled"] == 256 and facts["score_prefilled"] == 0.5  # from the ssdd-ship card
+    layers = facts["layers"]
+    assert sorted(lyr["name"] for lyr in layers) == ["atlanta A - ssdd-ship", "atlanta B - ssdd-ship"]
+    assert len({lyr["source"] for lyr in layers}) == 2
+    for lyr in layers:
+        assert lyr["features"] > 0
+        assert lyr["crs"] == facts["raster_crs"] == "EPSG:32616"
+        assert lyr["renderer"] == "categorizedSymbol" and lyr["class_attribute"] == "class_name"
+        assert lyr["categories"] == ["ship"]
+        assert {"class_id", "class_name", "score", "area", "source", "model", "run_id"} <= set(lyr["fields"])
+        assert lyr["scores_ok"] and lyr["editable"] and lyr["start_editing"]
+        assert lyr["within_canvas_extent"], "the map canvas extent was not honoured"
+    assert facts["processes_left"] == 0
+
+
+@needs_engine
+def test_dock_cancel_leaves_no_layer_and_no_file(tmp_path: Path) -> None:
+    facts = _scenario("dock_scenarios.py", "cancel", str(tmp_path))
+    assert facts["progress_hooks"] == [1], "cancel must happen mid-run"
+    assert facts["cancelled"] and not facts["ok"] and facts["exit_code"] == 130
+    assert facts["layers_added"] == 0 and not facts["output_exists"]
+    assert facts["leftovers"] == [] and facts["temp_leftovers"] == []
+    assert facts["buttons_reset"] and facts["processes_left"] == 0
+
+
+@needs_engine
+def test_dock_shows_engine_error_message(tmp_path: Path) -> None:
+    facts = _scenario("dock_scenarios.py", "error", str(tmp_path))
+    assert not facts["ok"] and facts["exit_code"] == 2
+    assert "--bands 5" in facts["message"] and "no band 5" in facts["message"]
+    assert [facts["message"], 2] in facts["bar_messages"]  # Qgis.Critical
+    assert facts["layers_added"] == 0 and not facts["output_exists"]
+
+
+@needs_engine
+def test_dock_reports_killed_engine_and_next_run_works(tmp_path: Path) -> None:
+    facts = _scenario("dock_scenarios.py", "kill", str(tmp_path))
+    assert facts["progress_hooks"][0] == 1
+    assert not facts["first"]["ok"] and not facts["first"]["cancelled"]
+    assert facts["first"]["message"].startswith("engine stopped unexpectedly (exit -9")
+    assert any(m.startswith("engine stopped unexpectedly") for m, _level in facts["bar_messages"])
+    assert facts["layers_after_kill"] == 0 and facts["leftovers_after_kill"] == []
+    assert facts["second"]["ok"], facts["second"]["message"]
+    assert facts["layers_after_second"] and facts["layers_after_second"][0][1] > 0
+    assert facts["second_within_selection"], "the selected features' extent was not honoured"
+
+
+@needs_engine
+def test_processing_segment_headless(tmp_path: Path) -> None:
+    facts = _scenario("processing_scenarios.py", "segment", str(tmp_path))
+    assert facts["result"]["valid"] and facts["result"]["features"] > 0
+    assert facts["result"]["crs"] == "EPSG:32616"
+    assert facts["progress_max"] == 100
+    assert "model file not found" in facts["error"] and not facts["bad_output_exists"]
+
+
+@needs_engine
+@needs_spacenet
+@pytest.mark.slow
+def test_processing_finetune_headless(tmp_path: Path) -> None:
+    facts = _scenario("processing_scenarios.py", "finetune", str(tmp_path), timeout=400)
+    assert facts["model_exists"] and facts["registered"]
+    assert facts["progress_max"] == 100 and facts["epoch_lines"]
+    assert facts["mask_ap"] is not None
+    assert facts["segment_with_new_model"]["valid"] and facts["segment_with_new_model"]["crs"] == "EPSG:32616"
+
+
+@needs_engine
+@pytest.mark.skipif(not (shutil.which("gdal2tiles.py") or shutil.which("gdal2tiles")) or not shutil.which(
+    "gdal_translate"), reason="gdal2tiles / gdal_translate missing (apt-get install gdal-bin python3-gdal)")
+def test_dock_renders_web_layer_then_segments(tmp_path: Path) -> None:
+    facts = _scenario("dock_scenarios.py", "web", str(tmp_path))
+    assert facts["web_valid"] and facts["bands_prefilled"] == "1"
+    assert facts["ok"], facts["message"]
+    assert "rendering" in facts["log"] and "render_local_xyz" in facts["log"]
+    assert facts["layers"] and facts["layers"][0][0] == "local xyz - ssdd-ship"
+    assert facts["layers"][0][2] == facts["web_crs"] == "EPSG:3857"
+    assert facts["renders_left"] == [], "the rendered GeoTIFF must be removed after the run"
+
+
+@needs_engine
+@needs_spacenet
+@pytest.mark.slow
+def test_dock_retrain_registers_new_model(tmp_path: Path) -> None:
+    facts = _scenario("dock_scenarios.py", "retrain", str(tmp_path))
+    assert facts["labels_modified"] and facts["labels_exported"], "unsaved edits must go through a GeoPackage"
+    assert facts["ok"], facts["message"]
+    assert facts["model_exists"] and facts["registered"] and facts["in_model_list"]
+    assert facts["selected_model"] == str(tmp_path / "retrained.safetensors")
+    assert facts["progress"] == 100 and facts["epoch_logged"]
+    assert facts["processes_left"] == 0
+
+
+def _qgis_process() -> str | None:
+    # Debian's /usr/bin/qgis_process wrapper adds --noversioncheck, which qgis_process rejects: use the binary
+    return shutil.which("qgis_process.bin", path="/usr/bin") or shutil.which("qgis_process")
+
+
+@needs_engine
+@pytest.mark.skipif(_qgis_process() is None, reason="qgis_process missing (apt-get install qgis)")
+def test_qgis_process_runs_segment(tmp_path: Path) -> None:
+    sys.path.insert(0, str(HERE))
+    from qgis_profile import make_profile
+
+    profiles = make_profile(tmp_path / "config", str(ROOT / ".venv" / "bin" / "python"))
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", OMP_NUM_THREADS="1", QGIS_CUSTOM_CONFIG_PATH=str(profiles),
+               GDAL_PAM_ENABLED="NO",
+               XDG_RUNTIME_DIR=str(tmp_path))
+    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    out = tmp_path / "qp.gpkg"
+    r = subprocess.run([_qgis_process(), "--json", "run", "delineate:segment", "--",
+                        f"INPUT={ROOT / 'examples' / 'spacenet_atlanta.tif'}", "MODEL=ssdd-ship", "BANDS=1",
+                        "EXTENT=733601,733751,3724989,3725139 [EPSG:32616]", f"OUTPUT={out}"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert json.loads(r.stdout)["results"]["OUTPUT"] == str(out)
+    assert out.is_file()
+
+
+@needs_engine
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("qgis") and shutil.which("xvfb-run")),
+                    reason="QGIS desktop or xvfb-run missing (apt-get install qgis xvfb)")
+def test_desktop_qgis_dock_screenshot(tmp_path: Path) -> None:
+    """The real QGIS desktop under Xvfb, plugin installed from its zip: the dock segments and a screenshot is
+    saved (docs/img/dock.png is made by the same script)."""
+    png = tmp_path / "dock.png"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    r = subprocess.run([QGIS_PYTHON, str(HERE / "desktop_run.py"), str(png)], capture_output=True, text=True,
+                       timeout=450, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    facts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "delineate" in facts["plugins"] and facts["ok"], facts
+    assert facts["layers"] and facts["layers"][0][1] > 0 and facts["layers"][0][2] == "EPSG:32616"
+    assert facts["saved"] and png.stat().st_size > 50_000
