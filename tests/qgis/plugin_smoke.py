@@ -24,6 +24,17 @@ dock = plugin.show_dock()
 models_listed = wait_until(lambda: bool(dock.catalog.models), 120)
 models = [m.key for m in dock.catalog.models]
 dock_visible = dock.isVisible() or not dock.isHidden()
+# Settings tab: "Check engine" runs rs-engine doctor; a wrong engine Python is reported, then fixed
+dock.check_engine()
+wait_until(lambda: not dock.is_busy(), 120)
+doctor_text = dock.doctor_view.toPlainText()
+dock.python_widget.setFilePath("/nonexistent/python")
+dock.check_engine()
+wait_until(lambda: not dock.is_busy(), 30)
+bad_engine_text = dock.doctor_view.toPlainText()
+dock.python_widget.setFilePath("")  # back to the automatic choice (the repository's .venv)
+wait_until(lambda: not dock.catalog.busy(), 60)
+
 # unload while a segmentation and a model listing run: both processes must end, nothing be left behind
 raster = QgsRasterLayer(str(ROOT / "examples" / "ssdd_001111.jpg"), "ssdd")
 QgsProject.instance().addMapLayer(raster)
@@ -59,6 +70,8 @@ report({
     "actions_left": len([a for a in iface.window.findChildren(QAction) if a.text() in ("Delineate", "Check engine")]),
     "menu_left": len(iface.menu.actions()),
     "children_before_unload": children_before,
+    "doctor": doctor_text,
+    "bad_engine": bad_engine_text,
     "children_left": child_processes(),
     "unload_output_left": sorted(f for f in os.listdir(sys.argv[1]) if "unload" in f),
 })

@@ -34,13 +34,21 @@ needs_spacenet = pytest.mark.skipif(not (SHARED / "geotiff_labels.geojson").exis
                                     reason=f"SpaceNet samples missing at {SHARED}")
 
 
-def _scenario(script: str, *args: str, timeout: int = 300) -> dict:
-    """Run a scenario script in its own QGIS process; its last stdout line is a JSON object of facts."""
-    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", OMP_NUM_THREADS="1", GDAL_PAM_ENABLED="NO")
+def _env(tmp: Path) -> dict[str, str]:
+    """Environment of a QGIS process: offscreen, one engine thread, no .aux.xml beside inputs, and its temporary
+    files (QGIS's, the dock's temporary outputs) under ``tmp``."""
+    (tmp / "tmp").mkdir(exist_ok=True)
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", OMP_NUM_THREADS="1", GDAL_PAM_ENABLED="NO",
+               TMPDIR=str(tmp / "tmp"), XDG_RUNTIME_DIR=str(tmp / "tmp"))
     for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
         env.pop(name, None)
-    r = subprocess.run([QGIS_PYTHON, str(HERE / script), *args], capture_output=True, text=True, timeout=timeout,
-                       env=env, cwd=str(ROOT))
+    return env
+
+
+def _scenario(script: str, workdir: Path, *args: str, timeout: int = 300) -> dict:
+    """Run a scenario script in its own QGIS process; its last stdout line is a JSON object of facts."""
+    r = subprocess.run([QGIS_PYTHON, str(HERE / script), *args, str(workdir)], capture_output=True, text=True,
+                       timeout=timeout, env=_env(workdir), cwd=str(ROOT))
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     facts = json.loads(r.stdout.strip().splitlines()[-1])
     assert facts["engine_modules_loaded"] == [], "the plugin must never import the engine's stack"
@@ -75,7 +83,7 @@ def test_plugin_zip(tmp_path: Path) -> None:
 
 @needs_engine
 def test_plugin_loads_and_unloads_cleanly(tmp_path: Path) -> None:
-    facts = _scenario("plugin_smoke.py", str(tmp_path), timeout=180)
+    facts = _scenario("plugin_smoke.py", tmp_path, timeout=180)
     assert facts["qgis"].startswith("3.")
     assert facts["added"] == facts["actions"] == facts["menu_entries"] >= 1
     assert facts["removed"] == facts["added"] and facts["left"] == 0 and facts["menu_left"] == 0
@@ -84,6 +92,8 @@ def test_plugin_loads_and_unloads_cleanly(tmp_path: Path) -> None:
     assert facts["algorithms"] == ["delineate:finetune", "delineate:segment"]
     assert facts["models_listed"] and {"nwpu10", "ssdd-ship"} <= set(facts["models"])
     assert facts["running_at_unload"], "the scenario should unload while the engine is running"
+    assert "torch" in facts["doctor"] and "bundled_models" in facts["doctor"], facts["doctor"]
+    assert "/nonexistent/python" in facts["bad_engine"] and "Settings" in facts["bad_engine"]
     assert facts["children_before_unload"] == 2 and facts["children_left"] == []
     assert facts["unload_output_left"] == []
     assert facts["docks_left"] == 0 and facts["processes_left"] == 0 and facts["actions_left"] == 0
@@ -91,7 +101,7 @@ def test_plugin_loads_and_unloads_cleanly(tmp_path: Path) -> None:
 
 @needs_engine
 def test_dock_segments_two_rasters_into_styled_layers_in_raster_crs(tmp_path: Path) -> None:
-    facts = _scenario("dock_scenarios.py", "segment", str(tmp_path))
+    facts = _scenario("dock_scenarios.py", tmp_path, "segment")
     assert facts["ok"], facts["message"]
     assert facts["tile_prefilled"] == 256 and facts["score_prefilled"] == 0.5  # from the ssdd-ship card
     layers = facts["layers"]
@@ -110,7 +120,7 @@ def test_dock_segments_two_rasters_into_styled_layers_in_raster_crs(tmp_path: Pa
 
 @needs_engine
 def test_dock_cancel_leaves_no_layer_and_no_file(tmp_path: Path) -> None:
-    facts = _scenario("dock_scenarios.py", "cancel", str(tmp_path))
+    facts = _scenario("dock_scenarios.py", tmp_path, "cancel")
     assert facts["progress_hooks"] == [1], "cancel must happen mid-run"
     assert facts["cancelled"] and not facts["ok"] and facts["exit_code"] == 130
     assert facts["layers_added"] == 0 and not facts["output_exists"]
@@ -120,7 +130,7 @@ def test_dock_cancel_leaves_no_layer_and_no_file(tmp_path: Path) -> None:
 
 @needs_engine
 def test_dock_shows_engine_error_message(tmp_path: Path) -> None:
-    facts = _scenario("dock_scenarios.py", "error", str(tmp_path))
+    facts = _scenario("dock_scenarios.py", tmp_path, "error")
     assert not facts["ok"] and facts["exit_code"] == 2
     assert "--bands 5" in facts["message"] and "no band 5" in facts["message"]
     assert [facts["message"], 2] in facts["bar_messages"]  # Qgis.Critical
@@ -129,7 +139,7 @@ def test_dock_shows_engine_error_message(tmp_path: Path) -> None:
 
 @needs_engine
 def test_dock_reports_killed_engine_and_next_run_works(tmp_path: Path) -> None:
-    facts = _scenario("dock_scenarios.py", "kill", str(tmp_path))
+    facts = _scenario("dock_scenarios.py", tmp_path, "kill")
     assert facts["progress_hooks"][0] == 1
     assert not facts["first"]["ok"] and not facts["first"]["cancelled"]
     assert facts["first"]["message"].startswith("engine stopped unexpectedly (exit -9")
@@ -142,7 +152,7 @@ def test_dock_reports_killed_engine_and_next_run_works(tmp_path: Path) -> None:
 
 @needs_engine
 def test_processing_segment_headless(tmp_path: Path) -> None:
-    facts = _scenario("processing_scenarios.py", "segment", str(tmp_path))
+    facts = _scenario("processing_scenarios.py", tmp_path, "segment")
     assert facts["result"]["valid"] and facts["result"]["features"] > 0
     assert facts["result"]["crs"] == "EPSG:32616"
     assert facts["progress_max"] == 100
@@ -153,7 +163,7 @@ def test_processing_segment_headless(tmp_path: Path) -> None:
 @needs_spacenet
 @pytest.mark.slow
 def test_processing_finetune_headless(tmp_path: Path) -> None:
-    facts = _scenario("processing_scenarios.py", "finetune", str(tmp_path), timeout=400)
+    facts = _scenario("processing_scenarios.py", tmp_path, "finetune", timeout=400)
     assert facts["model_exists"] and facts["registered"]
     assert facts["progress_max"] == 100 and facts["epoch_lines"]
     assert facts["mask_ap"] is not None
@@ -164,7 +174,7 @@ def test_processing_finetune_headless(tmp_path: Path) -> None:
 @pytest.mark.skipif(not (shutil.which("gdal2tiles.py") or shutil.which("gdal2tiles")) or not shutil.which(
     "gdal_translate"), reason="gdal2tiles / gdal_translate missing (apt-get install gdal-bin python3-gdal)")
 def test_dock_renders_web_layer_then_segments(tmp_path: Path) -> None:
-    facts = _scenario("dock_scenarios.py", "web", str(tmp_path))
+    facts = _scenario("dock_scenarios.py", tmp_path, "web")
     assert facts["web_valid"] and facts["bands_prefilled"] == "1"
     assert facts["ok"], facts["message"]
     assert "rendering" in facts["log"] and "render_local_xyz" in facts["log"]
@@ -177,7 +187,7 @@ def test_dock_renders_web_layer_then_segments(tmp_path: Path) -> None:
 @needs_spacenet
 @pytest.mark.slow
 def test_dock_retrain_registers_new_model(tmp_path: Path) -> None:
-    facts = _scenario("dock_scenarios.py", "retrain", str(tmp_path))
+    facts = _scenario("dock_scenarios.py", tmp_path, "retrain")
     assert facts["labels_modified"] and facts["labels_exported"], "unsaved edits must go through a GeoPackage"
     assert facts["ok"], facts["message"]
     assert facts["model_exists"] and facts["registered"] and facts["in_model_list"]
@@ -198,11 +208,7 @@ def test_qgis_process_runs_segment(tmp_path: Path) -> None:
     from qgis_profile import make_profile
 
     profiles = make_profile(tmp_path / "config", str(ROOT / ".venv" / "bin" / "python"))
-    env = dict(os.environ, QT_QPA_PLATFORM="offscreen", OMP_NUM_THREADS="1", QGIS_CUSTOM_CONFIG_PATH=str(profiles),
-               GDAL_PAM_ENABLED="NO",
-               XDG_RUNTIME_DIR=str(tmp_path))
-    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
-        env.pop(name, None)
+    env = dict(_env(tmp_path), QGIS_CUSTOM_CONFIG_PATH=str(profiles))
     out = tmp_path / "qp.gpkg"
     r = subprocess.run([_qgis_process(), "--json", "run", "delineate:segment", "--",
                         f"INPUT={ROOT / 'examples' / 'spacenet_atlanta.tif'}", "MODEL=ssdd-ship", "BANDS=1",
@@ -221,7 +227,7 @@ def test_desktop_qgis_dock_screenshot(tmp_path: Path) -> None:
     """The real QGIS desktop under Xvfb, plugin installed from its zip: the dock segments and a screenshot is
     saved (docs/img/dock.png is made by the same script)."""
     png = tmp_path / "dock.png"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = _env(tmp_path)
     r = subprocess.run([QGIS_PYTHON, str(HERE / "desktop_run.py"), str(png)], capture_output=True, text=True,
                        timeout=450, env=env)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])

@@ -1,0 +1,256 @@
+"""Dock scenarios in real QGIS (offscreen), one per process: ``python3 dock_scenarios.py SCENARIO WORKDIR``.
+
+segment: two raster layers at once (the map canvas as extent) -> two styled result layers in the raster's CRS.
+cancel:  Cancel during a run -> no layer, no output file, no engine temp file.
+error:   a band the raster lacks -> the engine's one-line message in the message bar.
+kill:    the engine process killed mid-run -> "engine stopped unexpectedly" reported; the next run works.
+retrain: the Retrain tab fine-tunes on an edited polygon layer; the new model joins the model list.
+web:     an XYZ layer (local tiles) is rendered through QGIS at the map canvas extent, then segmented.
+Prints one JSON line of facts (last line of stdout).
+"""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import ROOT, FakeIface, flush_deletes, load_plugin, report, wait_until  # noqa: E402
+from qgis.core import (  # noqa: E402
+    QgsFeature,
+    QgsGeometry,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorDataProvider,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QProcess  # noqa: E402
+
+from qgis_plugin.layers import transform_extent  # noqa: E402
+
+SCENARIO, WORK = sys.argv[1], sys.argv[2]
+SPACENET = str(ROOT / "examples" / "spacenet_atlanta.tif")
+SSDD = str(ROOT / "examples" / "ssdd_001111.jpg")
+RUN_TIMEOUT = 240
+
+iface = FakeIface()
+iface.window.resize(1000, 700)
+plugin = load_plugin(iface)
+dock = plugin.show_dock()
+assert wait_until(lambda: bool(dock.catalog.models), 120), "engine did not list its models"
+dock.select_model("ssdd-ship")
+results: list = []
+dock.runFinished.connect(results.append)
+facts: dict = {"scenario": SCENARIO}
+
+
+def add_raster(path: str, name: str) -> QgsRasterLayer:
+    layer = QgsRasterLayer(path, name)
+    assert layer.isValid(), path
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def run_and_wait(on_progress=None) -> object:
+    """Click Segment, optionally act on the first progress event after a tile (the engine is writing its
+    temporary GeoPackage then), wait for the end."""
+    n = len(results)
+    fired = []
+    if on_progress is not None:
+        def hook(event: dict) -> None:
+            if event.get("event") == "progress" and event.get("done", 0) > 0 and not fired:
+                fired.append(event)
+                on_progress()
+        dock.segment_button.click()
+        if dock.job is not None:
+            dock.job.engineEvent.connect(hook)
+    else:
+        dock.segment_button.click()
+    assert wait_until(lambda: len(results) > n, RUN_TIMEOUT), "run did not finish"
+    facts.setdefault("progress_hooks", []).append(len(fired))
+    return results[-1]
+
+
+def vector_layers() -> list:
+    return [lyr for lyr in QgsProject.instance().mapLayers().values()
+            if isinstance(lyr, QgsVectorLayer) and lyr.providerType() == "ogr"]
+
+
+def leftovers(folder: str) -> list:
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*")) + glob.glob(
+        os.path.join(folder, ".*")) if p.endswith((".gpkg", ".gpkg-wal", ".gpkg-shm", ".tif")) or ".tmp-" in p)
+
+
+if SCENARIO == "segment":
+    a = add_raster(SPACENET, "atlanta A")
+    b = add_raster(SPACENET, "atlanta B")
+    dock.set_checked_rasters([a.id(), b.id()])
+    iface.canvas.setDestinationCrs(a.crs())
+    ext = a.extent()
+    iface.canvas.setExtent(QgsRectangle(ext.xMinimum(), ext.yMaximum() - 200, ext.xMinimum() + 200,
+                                        ext.yMaximum()))
+    iface.canvas.refresh()
+    dock.extent_combo.setCurrentIndex(1)  # map canvas
+    dock.output_widget.setFilePath("")  # temporary outputs
+    facts["bands_prefilled"] = dock.bands_edit.text()
+    facts["tile_prefilled"] = dock.tile_spin.value()
+    facts["score_prefilled"] = dock.score_spin.value()
+    result = run_and_wait()
+    facts["ok"], facts["message"] = result.ok, result.message
+    layers = vector_layers()
+    facts["layers"] = []
+    for layer in layers:
+        caps = layer.dataProvider().capabilities()
+        feats = list(layer.getFeatures())
+        renderer = layer.renderer()
+        facts["layers"].append({
+            "name": layer.name(),
+            "source": layer.source(),
+            "crs": layer.crs().authid(),
+            "features": layer.featureCount(),
+            "fields": layer.fields().names(),
+            "renderer": renderer.type(),
+            "class_attribute": getattr(renderer, "classAttribute", lambda: None)(),
+            "categories": [c.value() for c in getattr(renderer, "categories", lambda: [])()],
+            "scores_ok": all(0 <= f["score"] <= 1 for f in feats),
+            "editable": bool(caps & QgsVectorDataProvider.ChangeAttributeValues
+                             and caps & QgsVectorDataProvider.AddFeatures),
+            "start_editing": layer.startEditing() and layer.rollBack(),
+            "within_canvas_extent": all(iface.canvas.extent().buffered(300).contains(f.geometry().boundingBox())
+                                        for f in feats),
+        })
+    facts["raster_crs"] = a.crs().authid()
+elif SCENARIO == "cancel":
+    layer = add_raster(SPACENET, "atlanta")
+    dock.set_checked_rasters([layer.id()])
+    out = os.path.join(WORK, "cancelled.gpkg")
+    dock.output_widget.setFilePath(out)
+    result = run_and_wait(on_progress=dock.cancel_button.click)
+    facts["cancelled"], facts["ok"], facts["exit_code"] = result.cancelled, result.ok, result.exit_code
+    facts["layers_added"] = len(vector_layers())
+    facts["output_exists"] = os.path.exists(out)
+    facts["leftovers"] = leftovers(WORK)
+    facts["temp_leftovers"] = leftovers(dock._tmpdir) if dock._tmpdir else []
+    facts["buttons_reset"] = dock.segment_button.isEnabled() and not dock.cancel_button.isEnabled()
+elif SCENARIO == "error":
+    layer = add_raster(SSDD, "ssdd")
+    dock.set_checked_rasters([layer.id()])
+    dock.bands_edit.setText("5")
+    dock.output_widget.setFilePath(os.path.join(WORK, "error.gpkg"))
+    result = run_and_wait()
+    facts["ok"], facts["exit_code"], facts["message"] = result.ok, result.exit_code, result.message
+    facts["bar_messages"] = iface.messages
+    facts["layers_added"] = len(vector_layers())
+    facts["output_exists"] = os.path.exists(os.path.join(WORK, "error.gpkg"))
+elif SCENARIO == "kill":
+    layer = add_raster(SPACENET, "atlanta")
+    dock.set_checked_rasters([layer.id()])
+    out = os.path.join(WORK, "killed.gpkg")
+    dock.output_widget.setFilePath(out)
+
+    def kill_engine() -> None:
+        facts["killed_pid"] = dock.job.pid
+        os.kill(dock.job.pid, signal.SIGKILL)
+
+    result = run_and_wait(on_progress=kill_engine)
+    facts["first"] = {"ok": result.ok, "cancelled": result.cancelled, "message": result.message}
+    facts["bar_messages"] = list(iface.messages)
+    facts["layers_after_kill"] = len(vector_layers())
+    facts["leftovers_after_kill"] = leftovers(WORK)
+    # the next run works (on a raster without georeferencing, extent: a selected polygon over its left half)
+    small = add_raster(SSDD, "ssdd")
+    dock.set_checked_rasters([small.id()])
+    dock.bands_edit.setText("1")
+    aoi = QgsVectorLayer("Polygon", "aoi", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(0, -321, 245, 0)))  # pixel frame: x = col, y = -row
+    aoi.dataProvider().addFeatures([feature])
+    QgsProject.instance().addMapLayer(aoi)
+    aoi.selectAll()
+    dock.extent_combo.setCurrentIndex(2)
+    dock.extent_layer_combo.setLayer(aoi)
+    dock.output_widget.setFilePath(os.path.join(WORK, "next.gpkg"))
+    result = run_and_wait()
+    facts["second"] = {"ok": result.ok, "message": result.message}
+    facts["layers_after_second"] = [(lyr.name(), lyr.featureCount()) for lyr in vector_layers()
+                                    if lyr.name() != "aoi"]
+    out = QgsVectorLayer(os.path.join(WORK, "next.gpkg") + "|layername=instances", "next", "ogr")
+    facts["second_within_selection"] = all(f.geometry().boundingBox().xMinimum() < 245 + 10
+                                           for f in out.getFeatures())
+elif SCENARIO == "web":
+    # a web (XYZ) layer: local tiles made with gdal2tiles, read through QGIS's wms provider like any XYZ service
+    tiles = os.path.join(WORK, "xyz")
+    vrt = os.path.join(WORK, "atlanta8.vrt")
+    subprocess.run(["gdal_translate", "-q", "-of", "VRT", "-ot", "Byte", "-scale", "59", "1500", "0", "255",
+                    SPACENET, vrt], check=True)
+    subprocess.run([shutil.which("gdal2tiles.py") or "gdal2tiles", "--xyz", "-z", "17-18", "-w", "none",
+                    "--processes=1", "-q", vrt, tiles], check=True)
+    url = f"type=xyz&url=file://{tiles}/{{z}}/{{x}}/{{y}}.png&zmin=17&zmax=18"
+    web = QgsRasterLayer(url, "local xyz", "wms")
+    facts["web_valid"] = web.isValid()
+    QgsProject.instance().addMapLayer(web)
+    dock.set_checked_rasters([web.id()])
+    facts["bands_prefilled"] = dock.bands_edit.text()
+    iface.canvas.setDestinationCrs(web.crs())
+    source = QgsRasterLayer(SPACENET, "atlanta")
+    # the middle 200 m of the SpaceNet tile, in the web layer's CRS (EPSG:3857)
+    mid = transform_extent(source.extent().buffered(-125), source.crs(), web.crs())
+    iface.canvas.setExtent(mid)
+    dock.extent_combo.setCurrentIndex(1)
+    dock.output_widget.setFilePath(os.path.join(WORK, "web.gpkg"))
+    result = run_and_wait()
+    facts["ok"], facts["message"] = result.ok, result.message
+    facts["log"] = dock.log_view.toPlainText()[-2000:]
+    layers = vector_layers()
+    facts["layers"] = [(lyr.name(), lyr.featureCount(), lyr.crs().authid()) for lyr in layers]
+    facts["web_crs"] = web.crs().authid()
+    facts["renders_left"] = glob.glob(os.path.join(dock._tmpdir or WORK, "render_*"))
+elif SCENARIO == "retrain":
+    # Retrain tab: an edited (unsaved) polygon layer -> temporary GeoPackage -> rs-train finetune -> model list
+    data = ROOT.parent / "shared" / "data" / "spacenet_samples"
+    raster = add_raster(str(data / "sample_geotiff.tif"), "spacenet sample")
+    labels = QgsVectorLayer(str(data / "geotiff_labels.geojson"), "buildings", "ogr")
+    QgsProject.instance().addMapLayer(labels)
+    labels.startEditing()
+    first = next(labels.getFeatures())
+    labels.changeAttributeValue(first.id(), labels.fields().indexOf("building"), "yes")  # an unsaved edit
+    facts["labels_modified"] = labels.isModified()
+    dock.labels_combo.setLayer(labels)
+    dock.class_field_combo.setField("building")
+    dock.set_checked_rasters([raster.id()], train=True)
+    dock.base_model_combo.setCurrentIndex(dock.base_model_combo.findData("nwpu10"))
+    dock.epochs_spin.setValue(1)
+    dock.chip_spin.setValue(128)
+    dock.extra_edit.setText("--chips-per-epoch 4 --batch-size 2 --device cpu")
+    model = os.path.join(WORK, "retrained.safetensors")
+    dock.model_output_widget.setFilePath(model)
+    trained: list = []
+    dock.trainFinished.connect(trained.append)
+    dock.train_button.click()
+    assert wait_until(lambda: bool(trained), RUN_TIMEOUT), "training did not finish"
+    result = trained[-1]
+    facts["ok"], facts["message"] = result.ok, result.message
+    facts["model_exists"] = os.path.isfile(model)
+    assert wait_until(lambda: dock.catalog.find(model) is not None and not dock.catalog.busy(), 60)
+    facts["in_model_list"] = dock.model_combo.findData(model) >= 0
+    facts["selected_model"] = dock.model_combo.currentData()
+    from qgis_plugin.settings import user_models
+
+    facts["registered"] = model in user_models()
+    facts["status"] = dock.train_status.text()
+    facts["progress"] = dock.progress.value()
+    log_text = dock.log_view.toPlainText()
+    facts["labels_exported"] = "--labels " + str(data / "geotiff_labels.geojson") not in log_text and \
+        "buildings.gpkg" in log_text
+    facts["epoch_logged"] = "validation mask AP" in log_text
+else:
+    raise SystemExit(f"unknown scenario {SCENARIO}")
+
+plugin.unload()
+flush_deletes()
+facts["processes_left"] = len(iface.window.findChildren(QProcess))
+report(facts)
