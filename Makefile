@@ -37,6 +37,10 @@ test: venv qgis
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# The zip QGIS's "Plugins > Install from ZIP" takes: dist/delineate-VERSION.zip (stdlib only, no venv needed).
+plugin:
+	$(PYTHON_SYS) qgis_plugin/build_zip.py
+
 bench: venv
 	$(PY) bench/scan.py --out bench/results
 	$(PY) bench/backbones.py --out bench/results
