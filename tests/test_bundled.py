@@ -56,3 +56,31 @@ def test_ssdd_ship_detections_land_on_annotated_ships(tmp_path) -> None:
     found = [shapely.from_wkb(g) for g in pyogrio.raw.read(out)[2]]
     hits = sum(any(t.intersection(f).area / t.union(f).area > 0.3 for f in found) for t in truth)
     assert len(truth) == 24 and hits >= 0.5 * len(truth), (hits, len(truth))
+
+
+NWPU_TEST = Path(__file__).resolve().parents[2] / "shared/data/nwpu_vhr10/annotations/instances_test.json"
+
+
+@pytest.mark.skipif(not NWPU_TEST.is_file(), reason="../shared/data (NWPU VHR-10 annotations) not present")
+def test_nwpu10_finds_the_airplanes_of_the_example(tmp_path) -> None:
+    """Airplanes of the example (14 annotated) found by an airplane detection at mask IoU > 0.1, with the card's
+    threshold: 9 on the development machine, at least 7 required. (At IoU 0.3 only 2: the weak model's masks
+    are mostly parts of airplanes, a fifth to a quarter of their area; see README "Models".)"""
+    import json
+
+    import shapely
+    from shapely.geometry import Polygon
+
+    coco = json.loads(NWPU_TEST.read_text())
+    image_id = next(i["id"] for i in coco["images"] if i["file_name"] == "021.jpg")
+    plane = next(c["id"] for c in coco["categories"] if c["name"] == "airplane")
+    truth = [Polygon(list(zip(s[0::2], [-y for y in s[1::2]])))
+             for a in coco["annotations"] if a["image_id"] == image_id and a["category_id"] == plane
+             for s in a["segmentation"]]
+    out = tmp_path / "planes.gpkg"
+    segment([EXAMPLES / "nwpu_021.jpg"], out, SegmentOptions(model="nwpu10"))
+    meta, _, wkb, fields = pyogrio.raw.read(out)
+    names = dict(zip(meta["fields"], fields))["class_name"]
+    found = [shapely.from_wkb(g) for g, n in zip(wkb, names) if n == "airplane"]
+    hits = sum(any(t.intersection(f).area / t.union(f).area > 0.1 for f in found) for t in truth)
+    assert len(truth) == 14 and hits >= 7, (hits, len(found))
