@@ -22,11 +22,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 
-# PyQGIS from Debian's packages, only when missing (tests of the QGIS plugin need it).
+# QGIS from Debian's packages, only when missing: PyQGIS for the plugin tests, the desktop and qgis_process (the
+# Xvfb screenshot and qgis_process tests), Xvfb, and gdal-bin (gdal2tiles builds the local XYZ layer of a test).
+QGIS_PACKAGES = python3-qgis qgis xvfb gdal-bin
 qgis:
-	@$(PYTHON_SYS) -c "import qgis.core" 2>/dev/null || { \
-	  echo "installing python3-qgis from Debian's packages"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-qgis >/dev/null; }
+	@{ $(PYTHON_SYS) -c "import qgis.core" 2>/dev/null && command -v qgis >/dev/null && command -v xvfb-run \
+	  >/dev/null && command -v gdal2tiles.py >/dev/null; } || { \
+	  echo "installing $(QGIS_PACKAGES) from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(QGIS_PACKAGES) >/dev/null; }
 
 demo: venv
 	$(PY) examples/run_demo.py --out out
