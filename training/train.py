@@ -269,7 +269,9 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
                         _write_model(out, model, card, state, cfg)
                 elif evaluate is None:
                     _write_model(out, model, card, state, cfg)
-                writer.writerow([state["epoch"], state["step"], f"{lr:.3g}", f"{epoch_loss:.4f}", ap, box,
+                # A run stopped by its time budget logs the fraction of the epoch it did (e.g. 16.12).
+                done = state["epoch"] + (round((first + n) / steps_per_epoch, 2) if stop else 0)
+                writer.writerow([done, state["step"], f"{lr:.3g}", f"{epoch_loss:.4f}", ap, box,
                                  f"{state['seconds'] / 60:.1f}"])
                 fh.flush()
                 _save_resume(resume_path, model, opt, state)
