@@ -276,7 +276,10 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
                 fh.flush()
                 _save_resume(resume_path, model, opt, state)
                 last_ckpt = time.monotonic()
-                plot_curves(log_path, out.with_suffix(".curves.png"))
+                try:
+                    plot_curves(log_path, out.with_suffix(".curves.png"))
+                except (OSError, ValueError, KeyError) as exc:  # a convenience: never stop training for it
+                    log.warning("could not plot %s: %s", log_path, exc)
                 if progress:
                     progress({"event": "epoch", "epoch": state["epoch"], "loss": round(epoch_loss, 4),
                               "mask_ap": None if math.isnan(ap) else ap, "box_ap": None if math.isnan(box) else box,
@@ -323,7 +326,10 @@ def plot_curves(log_csv: Path, png: Path) -> None:
         import matplotlib.pyplot as plt
 
     with open(log_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "epoch" not in reader.fieldnames:
+            raise ValueError("no header row")
+        rows = list(reader)
     if not rows:
         return
     epoch = [float(r["epoch"]) for r in rows]

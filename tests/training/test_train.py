@@ -279,3 +279,16 @@ def test_early_stopping_and_best_model(tmp_path, make_card) -> None:
     epochs = [e for e in events if e["event"] == "epoch"]
     assert [e["mask_ap"] for e in epochs] == [5.0, 7.0, 6.0, 6.5]
     assert [e["done"] for e in events if e["event"] == "progress"][:2] == [1, 2]
+
+
+def test_plot_curves(tmp_path) -> None:
+    from training.train import plot_curves
+
+    log = tmp_path / "m.log.csv"
+    log.write_text("epoch,step,lr,loss,mask_ap,box_ap,minutes\n1,10,0.001,1.5,nan,nan,0.5\n2,20,0.0005,1.2,3.5,2.0,1.0\n"
+                   "2.5,25,0.0001,1.1,nan,nan,1.2\n")
+    plot_curves(log, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000
+    log.write_text("1,10,0.001,1.5,nan,nan,0.5\n")  # no header (a log cut by a kill before its first flush)
+    with pytest.raises(ValueError):
+        plot_curves(log, tmp_path / "m2.png")
