@@ -23,7 +23,7 @@ from rs_engine.errors import InputError
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
     """argparse, but usage errors are one line + exit 2 (and a JSON error event in jsonl mode)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -47,7 +47,8 @@ def _extent(text: str) -> tuple[float, float, float, float]:
     return minx, miny, maxx, maxy
 
 
-def _bands(text: str) -> list[int]:
+def parse_bands(text: str) -> list[int]:
+    """``--bands 1,2,3`` -> [1, 2, 3] (1-based, repeats allowed); argparse type, shared with rs-train."""
     try:
         bands = [int(v) for v in text.split(",")]
     except ValueError:
@@ -58,10 +59,10 @@ def _bands(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rs-engine", description="Delineate engine: find and outline objects in rasters.")
+    p = UsageParser(prog="rs-engine", description="Delineate engine: find and outline objects in rasters.")
     p.add_argument("--version", action="version", version=f"rs-engine {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     s = sub.add_parser("segment", help="segment rasters into a GeoPackage of instance polygons")
     s.add_argument("inputs", nargs="+", metavar="INPUT", help="raster file(s) GDAL can read")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tile-size", type=int, metavar="PX", help="tile side in pixels (default: model card)")
     s.add_argument("--overlap", type=int, metavar="PX", help="tile overlap in pixels (default: model card)")
     s.add_argument("--score-threshold", type=float, metavar="F", help="minimum score 0-1 (default: model card)")
-    s.add_argument("--bands", type=_bands, metavar="1,2,3", help="raster bands to use, 1-based")
+    s.add_argument("--bands", type=parse_bands, metavar="1,2,3", help="raster bands to use, 1-based")
     s.add_argument("--extent", type=_extent, metavar="MINX,MINY,MAXX,MAXY", help="in the raster's CRS")
     s.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per forward pass")
     s.add_argument("--no-resample", action="store_true", help="don't resample to the model's GSD")

@@ -21,24 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rs_engine.cli import UsageParser, parse_bands
 from rs_engine.errors import InputError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line + exit 2 like every other bad input."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InputError(f"usage: {message}")
-
-
-def _bands(text: str) -> list[int]:
-    try:
-        bands = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--bands needs comma-separated band numbers, got {text!r}") from None
-    if not bands or min(bands) < 1:
-        raise argparse.ArgumentTypeError(f"--bands {text}: band numbers start at 1")
-    return bands
 
 
 def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int, batch: int) -> None:
@@ -59,9 +43,9 @@ def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="rs-train", description="Train, fine-tune and evaluate Delineate models.")
+    p = UsageParser(prog="rs-train", description="Train, fine-tune and evaluate Delineate models.")
     p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     t = sub.add_parser("train", help="train a model on a COCO instance dataset")
     t.add_argument("--coco", required=True, type=Path, help="COCO instance JSON of the training split")
@@ -73,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", help="initialise from this model (name or file); layers that differ stay new")
     t.add_argument("--out", required=True, type=Path, help="output model file (.safetensors)")
     t.add_argument("--name", help="model name in the card (default: output file stem)")
-    t.add_argument("--bands", default="1,2,3", type=_bands, help="image bands to use, 1-based (e.g. 1 for SAR)")
+    t.add_argument("--bands", default="1,2,3", type=parse_bands, help="image bands to use, 1-based (e.g. 1 for SAR)")
     t.add_argument("--chip-size", type=int, default=512)
     t.add_argument("--chips-per-image", type=int, default=1)
     t.add_argument("--gsd", type=float, help="training GSD in m/px for the model card")
@@ -87,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--base-model", default="nwpu10", help="bundled model name or model file to start from")
     f.add_argument("--out", required=True, type=Path, help="output model file (.safetensors)")
     f.add_argument("--name", help="model name in the card (default: output file stem)")
-    f.add_argument("--bands", type=_bands, help="raster bands to feed the model, 1-based (repeats allowed)")
+    f.add_argument("--bands", type=parse_bands, help="raster bands to feed the model, 1-based (repeats allowed)")
     f.add_argument("--chip-size", type=int, help="training chip size in px (default: the base model's tile)")
     f.add_argument("--chips-per-epoch", type=int, help="training chips per epoch (default: twice the chips that "
                    "tile the annotated area, at least 16)")
@@ -103,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", type=Path, help="ground-truth polygon layer")
     e.add_argument("--class-field", help="attribute holding each polygon's class")
     e.add_argument("--aoi", type=Path, help="evaluate only inside these polygons")
-    e.add_argument("--bands", type=_bands, help="raster bands to feed the model, 1-based")
+    e.add_argument("--bands", type=parse_bands, help="raster bands to feed the model, 1-based")
     e.add_argument("--class-agnostic", action="store_true", help="score objects whatever their class")
     e.add_argument("--device", default="auto")
     e.add_argument("--max-images", type=int)

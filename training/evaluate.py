@@ -216,14 +216,13 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
     import pyogrio
     import rasterio
     import shapely
-    from rasterio.features import rasterize
     from rasterio.windows import Window, from_bounds
     from rasterio.windows import transform as window_transform
 
     from rs_engine.checkpoint import read_card
     from rs_engine.raster import PIXEL_FRAME
     from rs_engine.segment import SegmentOptions, segment
-    from training.local import load_aoi, load_labels
+    from training.local import load_aoi, load_labels, reproject
 
     card = read_card(model)
     with tempfile.TemporaryDirectory(prefix="rs-eval-") as tmp:
@@ -260,8 +259,8 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
             continue
         mine = cols["source"] == Path(raster).name
         geoms = pred_geoms[mine] if len(pred_geoms) else pred_geoms
-        if len(geoms) and pred_crs and crs and rasterio.crs.CRS.from_user_input(pred_crs) != crs:
-            geoms = np.array([_reproject(g, pred_crs, crs) for g in geoms])
+        if len(geoms) and pred_crs and crs and (src := rasterio.crs.CRS.from_user_input(pred_crs)) != crs:
+            geoms = reproject(geoms, src, crs)
         p_names, p_scores = cols["class_name"][mine], cols["score"][mine].astype(float)
         t_geoms = [g for g in truth.geometries]
         t_cats = [cat(truth_names[lab - 1]) for lab in truth.labels]
@@ -286,18 +285,13 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
                 bt = window_transform(Window(c0, r0, bw, bh), transform)
                 image_id = len(gt["images"]) + 1
                 gt["images"].append({"id": image_id, "width": bw, "height": bh})
-                for g, c, ok in zip(t_geoms, t_cats, t_in):
-                    if ok:
-                        m = rasterize([(g, 1)], out_shape=(bh, bw), transform=bt, dtype="uint8")
-                        if m.any():
-                            gt["annotations"].append(_gt_annotation(len(gt["annotations"]) + 1, image_id, m, c))
-                for g, c, s, ok in zip(geoms, p_cats, p_scores, p_in):
-                    if ok:
-                        m = rasterize([(g, 1)], out_shape=(bh, bw), transform=bt, dtype="uint8")
-                        if m.any():
-                            rle = _rle(m)
-                            results.append({"image_id": image_id, "category_id": c, "score": float(s),
-                                            "segmentation": rle, "bbox": mask_utils.toBbox(rle).tolist()})
+                block = shapely.box(*_bounds(bt, bw, bh))
+                for m, k in _block_masks(t_geoms, t_in, block, (bh, bw), bt):
+                    gt["annotations"].append(_gt_annotation(len(gt["annotations"]) + 1, image_id, m, t_cats[k]))
+                for m, k in _block_masks(geoms, p_in, block, (bh, bw), bt):
+                    rle = _rle(m)
+                    results.append({"image_id": image_id, "category_id": p_cats[k], "score": float(p_scores[k]),
+                                    "segmentation": rle, "bbox": mask_utils.toBbox(rle).tolist()})
     metrics = _coco_eval(gt, results, [i["id"] for i in gt["images"]])
     metrics["f1@0.5"] = match_f1(f1_pred, f1_scores, f1_plabels, f1_truth, f1_tlabels)
     metrics["objects"] = len(f1_truth)
@@ -312,8 +306,14 @@ def _bounds(transform: Any, width: int, height: int) -> tuple[float, float, floa
     return min(west, east), min(south, north), max(west, east), max(south, north)
 
 
-def _reproject(geom: Any, src: Any, dst: Any) -> Any:
-    from rasterio.warp import transform_geom
-    from shapely.geometry import mapping, shape
+def _block_masks(geoms: Any, inside: list[bool], block: Any, shape: tuple[int, int],
+                 transform: Any) -> Any:
+    """``(mask (h, w) uint8, index)`` of each geometry counted in the region (``inside``) that covers pixels of
+    the evaluation block (map-coordinate box ``block``, pixel ``shape`` and ``transform``)."""
+    from rasterio.features import rasterize
 
-    return shape(transform_geom(src, dst, mapping(geom)))
+    for k, (g, ok) in enumerate(zip(geoms, inside)):
+        if ok and g.intersects(block):
+            m = rasterize([(g, 1)], out_shape=shape, transform=transform, dtype="uint8")
+            if m.any():
+                yield m, k

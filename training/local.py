@@ -244,7 +244,7 @@ def _read_polygons(path: Path, crs: CRS | None, columns: list[str]) -> tuple[np.
         log.warning("%s: layer is in %s but the raster has no CRS; using coordinates as they are",
                     path.name, layer_crs.to_string())
     elif layer_crs is not None and layer_crs != crs:
-        geoms[keep] = _reproject(geoms[keep], layer_crs, crs)
+        geoms[keep] = reproject(geoms[keep], layer_crs, crs)
         finite = np.isfinite(shapely.bounds(geoms[keep])).all(axis=1)
         lost = np.flatnonzero(keep)[~finite]
         _report(path, f"skipped {{n}} feature(s) that can't be reprojected to {crs.to_string()}", fids[lost])
@@ -267,7 +267,7 @@ def _read_polygons(path: Path, crs: CRS | None, columns: list[str]) -> tuple[np.
     return geoms[keep], fids[keep], [np.asarray(values)[keep] for values in field_data]
 
 
-def _reproject(geoms: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
+def reproject(geoms: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
     """Geometries from ``src`` to ``dst`` (vertices transformed; edges stay straight in ``dst``)."""
 
     def transform(coords: np.ndarray) -> np.ndarray:

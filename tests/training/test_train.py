@@ -172,16 +172,6 @@ def test_match_f1_hand_case() -> None:
     assert wrong_class["tp"] == 0
 
 
-def _subset(tmp_path: Path, n: int = 4) -> Path:
-    coco = json.loads((SSDD / "annotations/instances_train.json").read_text())
-    images = coco["images"][:n]
-    ids = {i["id"] for i in images}
-    coco["images"], coco["annotations"] = images, [a for a in coco["annotations"] if a["image_id"] in ids]
-    path = tmp_path / "sub.json"
-    path.write_text(json.dumps(coco))
-    return path
-
-
 def _run(args: list, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600, env=env,
@@ -189,8 +179,8 @@ def _run(args: list, **kw) -> subprocess.CompletedProcess:
 
 
 @needs_ssdd
-def test_resume_mid_epoch_keeps_the_schedule(tmp_path) -> None:
-    ann, out = _subset(tmp_path), tmp_path / "m.safetensors"
+def test_resume_mid_epoch_keeps_the_schedule(tmp_path, ssdd_subset) -> None:
+    ann, out = ssdd_subset(), tmp_path / "m.safetensors"
     common = ["-m", "training.cli", "train", "--coco", ann, "--images", SSDD / "images", "--bands", "1",
               "--chip-size", "96", "--batch-size", "1", "--epochs", "1", "--warmup-steps", "1", "--workers", "0",
               "--progress", "jsonl", "--out", out]
@@ -210,10 +200,10 @@ def test_resume_mid_epoch_keeps_the_schedule(tmp_path) -> None:
 
 
 @needs_ssdd
-def test_torchrun_two_processes_on_cpu(tmp_path) -> None:
+def test_torchrun_two_processes_on_cpu(tmp_path, ssdd_subset) -> None:
     from rs_engine.checkpoint import load_model
 
-    ann, out = _subset(tmp_path), tmp_path / "ddp.safetensors"
+    ann, out = ssdd_subset(), tmp_path / "ddp.safetensors"
     r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training.cli",
               "train", "--coco", ann, "--images", SSDD / "images", "--bands", "1", "--chip-size", "96",
               "--batch-size", "1", "--epochs", "1", "--warmup-steps", "1", "--workers", "0", "--progress", "jsonl",

@@ -13,25 +13,15 @@ SSDD = Path(__file__).resolve().parents[3] / "shared" / "data" / "ssdd"
 pytestmark = pytest.mark.skipif(not SSDD.is_dir(), reason="../shared/data (SSDD) not present")
 
 
-def _subset(tmp_path: Path, n: int = 4) -> Path:
-    coco = json.loads((SSDD / "annotations/instances_train.json").read_text())
-    images = coco["images"][:n]
-    ids = {i["id"] for i in images}
-    coco["images"], coco["annotations"] = images, [a for a in coco["annotations"] if a["image_id"] in ids]
-    path = tmp_path / "sub.json"
-    path.write_text(json.dumps(coco))
-    return path
-
-
 def rs_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=600)
 
 
-def test_train_resume_evaluate(tmp_path) -> None:
+def test_train_resume_evaluate(tmp_path, ssdd_subset) -> None:
     from rs_engine.checkpoint import load_model
 
-    ann, out = _subset(tmp_path), tmp_path / "m.safetensors"
+    ann, out = ssdd_subset(), tmp_path / "m.safetensors"
     common = ["train", "--coco", ann, "--images", SSDD / "images", "--bands", "1", "--chip-size", "128",
               "--batch-size", "2", "--warmup-steps", "2", "--workers", "0", "--out", out]
     r = rs_train(*common, "--epochs", "1")
