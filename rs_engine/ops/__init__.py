@@ -1,5 +1,7 @@
-"""Numerical kernels: the Mamba-1 selective scan (mamba-ssm's CUDA kernel when available, else chunked PyTorch)."""
+"""Numerical kernels: the Mamba-1 selective scan (mamba-ssm's CUDA kernel when available, else chunked PyTorch) and
+the orthonormal DCT-II / DCT-III as cached matrix products."""
 
+from rs_engine.ops.dct import dct, dct2, dct_matrix, idct, idct2
 from rs_engine.ops.selective_scan import (
     DEFAULT_CHUNK_SIZE,
     HAS_MAMBA_SSM_CUDA,
@@ -12,6 +14,11 @@ from rs_engine.ops.selective_scan import (
 )
 
 __all__ = [
+    "dct",
+    "dct2",
+    "dct_matrix",
+    "idct",
+    "idct2",
     "DEFAULT_CHUNK_SIZE",
     "HAS_MAMBA_SSM_CUDA",
     "has_mamba_ssm_cuda",
