@@ -40,6 +40,8 @@ def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int,
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+    g.add_argument("--init-backbone", type=Path, metavar="BACKBONE.safetensors",
+                   help="initialise the backbone from a pretrained backbone file (rs-train distill / pretrain)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +205,7 @@ def _train(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     from rs_engine.models import ModelConfig, build_model
     from training.coco import ChipSpec, CocoChips, band_statistics
     from training.evaluate import evaluate_coco
+    from training.pretrain import init_backbone
     from training.train import init_from, train
 
     bands = [b - 1 for b in args.bands]
@@ -218,6 +221,8 @@ def _train(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     provenance: dict[str, Any] = {"data": str(args.coco), "command": _command()}
     if args.init:
         provenance["init"] = init_from(model, args.init)
+    if args.init_backbone:
+        provenance["init_backbone"] = init_backbone(model, args.init_backbone, args.model_config)
     card = ModelCard(
         name=args.name or args.out.stem, version="0.1", architecture=config.to_dict(),
         class_names=train_set.class_names, bands=len(bands), mean=mean, std=std, gsd=args.gsd,
@@ -244,6 +249,7 @@ def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     from training.coco import ChipSpec
     from training.evaluate import evaluate_chips
     from training.local import LocalChips
+    from training.pretrain import init_backbone
     from training.train import init_from, train
 
     base = read_card(args.base_model)
@@ -263,6 +269,8 @@ def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = build_model(config)
     init = init_from(model, args.base_model, same_classes=base.class_names == train_set.class_names)
+    if args.init_backbone:
+        init["backbone"] = init_backbone(model, args.init_backbone, config.backbone)
     card = ModelCard(
         name=args.name or args.out.stem, version="0.1", architecture=config.to_dict(),
         class_names=train_set.class_names, bands=len(bands), mean=mean, std=std,
