@@ -17,14 +17,15 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from rs_engine.models.config import BACKBONES, ModelConfig
+from rs_engine.models.config import BACKBONES, HeatBackboneConfig, ModelConfig
+from rs_engine.models.heat import HeatBackbone
 from rs_engine.models.ssm import SSMBackbone
 
 
 class BackboneWithFPN(nn.Module):
     """(B, C_in, H, W) -> OrderedDict of 5 FPN maps (strides 4, 8, 16, 32, 64), each ``out_channels`` wide."""
 
-    def __init__(self, body: SSMBackbone, out_channels: int) -> None:
+    def __init__(self, body: SSMBackbone | HeatBackbone, out_channels: int) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(body.out_channels_list, out_channels, extra_blocks=LastLevelMaxPool())
@@ -42,13 +43,16 @@ def build_model(config: ModelConfig) -> MaskRCNN:
     Output in eval mode: torchvision's list of dicts with ``boxes`` (K, 4) x1y1x2y2 pixels, ``labels`` (K,)
     in 1..num_classes, ``scores`` (K,), ``masks`` (K, 1, H, W) probabilities.
 
+    A heat backbone's stem follows its config (``"auto"``: the SAR stem for one band); ``config.extra["stem"]``
+    ("optical" or "sar") overrides it.
+
     Raises:
-        ValueError: unknown backbone name (from :class:`ModelConfig`).
+        ValueError: unknown backbone name (from :class:`ModelConfig`) or stem kind.
     """
     c = config
     if c.backbone == "resnet50":
         return _resnet50_maskrcnn(c)
-    backbone = BackboneWithFPN(SSMBackbone(BACKBONES[c.backbone], c.in_channels), c.fpn_channels)
+    backbone = BackboneWithFPN(build_backbone(c), c.fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in c.anchor_sizes), ((0.5, 1.0, 2.0),) * len(c.anchor_sizes))
     box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.representation_size)
     mask_head = MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * c.mask_head_convs, 1)
@@ -70,6 +74,20 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         mask_head=mask_head,
         mask_predictor=mask_predictor,
     )
+
+
+def build_backbone(config: ModelConfig) -> SSMBackbone | HeatBackbone:
+    """The backbone body alone (no FPN): (B, C_in, H, W) -> OrderedDict "0".."3" at strides 4..32.
+
+    Raises:
+        ValueError: a baseline name (its body is torchvision's, see :func:`build_model`) or an unknown stem kind.
+    """
+    cfg = BACKBONES.get(config.backbone)
+    if cfg is None:
+        raise ValueError(f"{config.backbone!r} has no body of its own to build")
+    if isinstance(cfg, HeatBackboneConfig):
+        return HeatBackbone(cfg, config.in_channels, stem=config.extra.get("stem"))
+    return SSMBackbone(cfg, config.in_channels)
 
 
 def _resnet50_maskrcnn(c: ModelConfig) -> MaskRCNN:
@@ -96,9 +114,10 @@ def _resnet50_maskrcnn(c: ModelConfig) -> MaskRCNN:
 def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) -> dict[str, float]:
     """GFLOPs of the backbone body (no FPN, no heads) on one (in_channels, size, size) tile.
 
-    Uses ``torch.utils.flop_counter`` for matrix products and convolutions, plus the analytic cost of the
-    selective scans (9 * L * D * N, as mamba-ssm counts them), which run as elementwise ops the counter
-    does not see. A multiply-add counts as 2 FLOPs.
+    Uses ``torch.utils.flop_counter`` for matrix products and convolutions (including the DCT matrix products of
+    heat backbones; their elementwise decay products, one multiply per cell and channel, are left out), plus the
+    analytic cost of the selective scans (9 * L * D * N, as mamba-ssm counts them), which run as elementwise ops
+    the counter does not see. A multiply-add counts as 2 FLOPs.
 
     Returns:
         ``{"backbone_gflops": ..., "scan_gflops": ..., "params_m": ...}`` (params in millions).

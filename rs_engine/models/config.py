@@ -40,12 +40,41 @@ class SSMBackboneConfig:
     pos_embed_grid: int = 0
 
 
+@dataclass(frozen=True)
+class HeatBackboneConfig:
+    """A heat-conduction backbone (vHeat, Wang et al. 2024; RS-vHeat, Hu et al. 2025): hierarchical stages at
+    strides 4, 8, 16, 32 whose token mixer is the Heat Conduction Operator (:mod:`rs_engine.models.heat`).
+
+    Attributes:
+        dims: channel width of each of the 4 stages.
+        depths: number of heat-conduction blocks in each stage.
+        mlp_ratio: hidden width of the MLP after each operator (vHeat uses 4).
+        fve_grid: side of each stage's learnable frequency value embedding (FVE) grid; it is interpolated
+            to the feature map's frequency grid, so any tile size works.
+        heat_capacity: add RS-vHeat's learnable per-stage heat capacity at the input of each stage.
+        stem: "auto" (SAR stem for 1-band input, optical otherwise), "optical" or "sar".
+    """
+
+    dims: tuple[int, ...] = (48, 96, 192, 384)
+    depths: tuple[int, ...] = (1, 2, 4, 2)
+    mlp_ratio: float = 2.0
+    fve_grid: tuple[int, ...] = (32, 32, 16, 16)
+    heat_capacity: bool = True
+    stem: str = "auto"
+
+    def __post_init__(self) -> None:
+        if len(self.dims) != 4 or len(self.depths) != 4 or len(self.fve_grid) != 4:
+            raise ValueError("a heat backbone has 4 stages: dims, depths and fve_grid need 4 entries")
+        if self.stem not in ("auto", "optical", "sar"):
+            raise ValueError(f"stem must be auto, optical or sar, got {self.stem!r}")
+
+
 # Named variants. "ssm_*" is the default (hierarchical, VMamba layout) family; "rs4d_*" the plain RS4D layout,
 # kept for distillation from single-stride ViT teachers. docs/models.md gives the measurements behind the
 # choice: at equal parameters the two layouts cost the same CPU time per tile, and the hierarchical one gives
 # native stride-4 and stride-8 features for small objects. Four scan directions cost 2.4x two at equal width,
 # so only the GPU-oriented base size uses four.
-BACKBONES: dict[str, SSMBackboneConfig] = {
+BACKBONES: dict[str, SSMBackboneConfig | HeatBackboneConfig] = {
     "ssm_tiny": SSMBackboneConfig(dims=(48, 96, 192, 384), depths=(1, 2, 4, 2), directions=2, d_state=8),
     "ssm_small": SSMBackboneConfig(dims=(64, 128, 256, 512), depths=(1, 2, 6, 2), directions=2, d_state=16),
     "ssm_base": SSMBackboneConfig(dims=(96, 192, 384, 768), depths=(2, 2, 8, 2), directions=4, d_state=16),
@@ -61,6 +90,10 @@ BACKBONES: dict[str, SSMBackboneConfig] = {
         hierarchical=False, patch_size=16, dims=(256,), depths=(28,), d_state=16, ssm_ratio=2.5,
         directions=2, pos_embed_grid=64,
     ),
+    # Heat conduction (RS-vHeat). Sized like ssm_tiny / ssm_small (see docs/pretraining.md for the measurements),
+    # not like vHeat-T (29 M): the target is CPU inference on tiles.
+    "heat_tiny": HeatBackboneConfig(dims=(48, 96, 192, 384), depths=(1, 2, 4, 2), mlp_ratio=2.0),
+    "heat_small": HeatBackboneConfig(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), mlp_ratio=2.0),
 }
 
 # Not a selective-scan backbone: torchvision's ResNet-50-FPN Mask R-CNN, the usual choice, as a baseline.
