@@ -74,3 +74,89 @@ def test_perturb_config_rejects_bad_values() -> None:
         PerturbConfig(mode="sometimes")
     with pytest.raises(InputError, match="mask ratio"):
         PerturbConfig(mask_ratio=0.9, mask_max=0.6)
+
+
+# ---------------------------------------------------------------- teachers
+
+def test_efficientnet_lite0_teacher_is_imagenet_trained() -> None:
+    """The package's weights, mapped onto timm's network, classify a real photo as ImageNet networks do."""
+    from pathlib import Path
+
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    from training.distill.teachers import EfficientNetLite0Teacher
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not photo.is_file():
+        pytest.skip("matplotlib's sample photo is not installed")
+    t = EfficientNetLite0Teacher()
+    assert t.channels == {"s4": 24, "s8": 40, "s16": 112, "s32": 320}
+    assert t.strides == {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
+    im = Image.open(photo).convert("RGB").crop((0, 44, 512, 556)).resize((224, 224), Image.BICUBIC)
+    x = (torch.from_numpy(np.asarray(im, np.float32)) - torch.tensor(t.mean)) / torch.tensor(t.std)
+    with torch.no_grad():
+        p = t.classify(x.permute(2, 0, 1)[None]).softmax(1)[0]
+    top5 = p.topk(5).indices.tolist()
+    assert 652 in top5 and 834 in top5  # military uniform, suit (a random network: ~0.001 each, top-1 < 0.03)
+    assert float(p.max()) > 0.15
+    feats = t(torch.zeros(2, 3, 64, 64))
+    assert feats["s32"].shape == (2, 320, 2, 2) and not any(q.requires_grad for q in t.parameters())
+
+
+def test_sam_teacher_loads_checkpoint_and_rejects_wrong_keys(tmp_path) -> None:
+    from segment_anything import sam_model_registry
+
+    from training.distill.teachers import SamTeacher, build_teacher
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"](checkpoint=None)  # the official file holds the whole model's state dict
+    state = sam.state_dict()
+    good = tmp_path / "sam_vit_b.pth"
+    torch.save(state, good)
+    t = build_teacher(f"sam_vit_b:{good}")
+    assert isinstance(t, SamTeacher) and t.channels == {"neck": 256} and t.strides == {"neck": 16}
+    ref = state["image_encoder.blocks.0.attn.qkv.weight"]
+    torch.testing.assert_close(t.encoder.blocks[0].attn.qkv.weight, ref)
+    assert t(torch.zeros(1, 3, 96, 64))["neck"].shape == (1, 256, 6, 4)  # any multiple of 16 px
+    bad = {k: v for k, v in state.items() if k != "image_encoder.neck.0.weight"}
+    bad["image_encoder.blocks.0.attn.extra"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(InputError) as err:
+        SamTeacher("vit_b", tmp_path / "bad.pth")
+    msg = str(err.value)
+    assert "\n" not in msg and "bad.pth" in msg
+    assert "1 missing keys (e.g. neck.0.weight)" in msg and "1 unexpected keys (e.g. blocks.0.attn.extra)" in msg
+    with pytest.raises(InputError, match="missing"):  # another variant's checkpoint
+        SamTeacher("vit_l", good)
+    with pytest.raises(InputError, match="not found"):
+        build_teacher(f"sam_vit_b:{tmp_path / 'none.pth'}")
+
+
+def test_timm_teacher_and_spec_errors(tmp_path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from training.distill.teachers import build_teacher
+
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    save_file(net.state_dict(), str(tmp_path / "vit.safetensors"))
+    t = build_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'vit.safetensors'}")
+    assert t.channels == {"last": 192} and t.strides == {"last": 16}
+    assert t(torch.zeros(1, 3, 128, 96))["last"].shape == (1, 192, 8, 6)
+    save_file({"cls_token": torch.zeros(1, 1, 192)}, str(tmp_path / "few.safetensors"))
+    with pytest.raises(InputError, match="missing keys"):
+        build_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'few.safetensors'}")
+    with pytest.raises(InputError, match="timm:NAME:PATH"):
+        build_teacher("timm:vit_tiny_patch16_224")
+    with pytest.raises(InputError, match="not a teacher spec"):
+        build_teacher("no_such_teacher")
+
+
+def test_model_teacher_gives_backbone_levels() -> None:
+    from training.distill.teachers import build_teacher
+
+    t = build_teacher("model:ssdd-ship")
+    assert t.strides == {"0": 4, "1": 8, "2": 16, "3": 32} and t.in_channels == t.card.bands
+    assert list(t(torch.zeros(1, t.in_channels, 64, 64))["3"].shape) == [1, t.channels["3"], 2, 2]
