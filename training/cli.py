@@ -96,7 +96,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.add_argument("--record", metavar="SPLIT", help="store the metrics in the model card's provenance under "
                    "metrics[SPLIT] (e.g. test); the model must be a file path")
+    _distill_parser(sub)
     return p
+
+
+def _distill_parser(sub: Any) -> None:
+    from training.distill.teachers import SPEC_HELP
+
+    ds = sub.add_parser("distill", help="pretrain a backbone by distilling a teacher's features (RS4D, DRD)",
+                        description="Distil a frozen teacher's feature maps into a student backbone on unlabelled "
+                        "images. Teacher specs: " + SPEC_HELP + ".")
+    ds.add_argument("--teacher", required=True, metavar="SPEC", help=SPEC_HELP)
+    ds.add_argument("--images", required=True, type=Path, nargs="+", metavar="DIR",
+                    help="folders (searched recursively) and raster files of unlabelled images")
+    ds.add_argument("--student-config", default="ssm_tiny", help="student backbone name (ssm_tiny, heat_tiny...)")
+    ds.add_argument("--out", required=True, type=Path, help="output backbone file (.safetensors), for --init-backbone")
+    ds.add_argument("--bands", default="1,2,3", type=parse_bands, help="image bands to use, 1-based")
+    ds.add_argument("--chip-size", type=int, default=256)
+    ds.add_argument("--chips-per-image", type=int, default=1)
+    ds.add_argument("--cache-dir", type=Path, help="keep the teacher's features here (it then runs once per chip)")
+    ds.add_argument("--perturb", default="adaptive", choices=["none", "fixed", "adaptive"],
+                    help="student input noise + patch masking: none, fixed, or adaptive per chip (default)")
+    ds.add_argument("--noise", type=float, default=0.2, help="base noise std (normalised units)")
+    ds.add_argument("--mask-ratio", type=float, default=0.2, help="base share of masked patches")
+    ds.add_argument("--noise-max", type=float, default=0.6, help="adaptive: largest noise std")
+    ds.add_argument("--mask-max", type=float, default=0.6, help="adaptive: largest mask ratio")
+    ds.add_argument("--mask-patch", type=int, default=32, help="masked patch side in px")
+    ds.add_argument("--drd-weight", type=float, default=0.0, help="weight of the dual relation (DRD) loss; 0: off")
+    g = ds.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=8, help="chips per step (per process under torchrun)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--max-minutes", type=float, help="stop after this much training time (re-run to continue)")
+    g.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    g.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+
 
 
 class _Reporter:
@@ -152,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.mode = getattr(args, "progress", mode)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        command = {"train": _train, "finetune": _finetune, "evaluate": _evaluate}[args.command]
+        command = {"train": _train, "finetune": _finetune, "evaluate": _evaluate,
+                   "distill": _distill}[args.command]
         result = command(args, report)
     except InputError as exc:
         report.error(str(exc))
@@ -354,6 +393,57 @@ def _evaluate(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _distill(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
+    import torch
+
+    from rs_engine.models import BACKBONES, ModelConfig, build_backbone
+    from training.distill.losses import PerturbConfig
+    from training.distill.objective import DistillObjective, cache_key
+    from training.distill.teachers import build_teacher
+    from training.pretrain import UnlabelledChips, run_pretraining, save_backbone, train_config_dict
+    from training.train import TrainConfig
+
+    if args.student_config not in BACKBONES:
+        raise InputError(f"--student-config {args.student_config}: unknown (known: {', '.join(BACKBONES)})")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.drd_weight < 0:
+        raise InputError("--drd-weight must be >= 0")
+    if not args.out.parent.is_dir():
+        raise InputError(f"{args.out}: its folder does not exist")
+    device = _device(args.device)
+    perturb = PerturbConfig(mode=args.perturb, sigma=args.noise, mask_ratio=args.mask_ratio,
+                            sigma_max=max(args.noise_max, args.noise), mask_max=max(args.mask_max, args.mask_ratio),
+                            patch=args.mask_patch)
+    data = UnlabelledChips(args.images, size=args.chip_size, bands=args.bands,
+                           chips_per_image=args.chips_per_image, seed=args.seed)
+    teacher = build_teacher(args.teacher)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                      max_minutes=args.max_minutes, checkpoint_minutes=args.checkpoint_minutes,
+                      num_workers=args.workers, seed=args.seed)
+    torch.manual_seed(args.seed)  # equal initial weights on every DDP rank
+    body = build_backbone(ModelConfig(backbone=args.student_config, in_channels=len(args.bands),
+                                      tile_size=args.chip_size))
+    cache = args.cache_dir / cache_key(args.teacher, data) if args.cache_dir else None
+    objective = DistillObjective(body, teacher, data.mean.tolist(), data.std.tolist(), len(data), perturb,
+                                 drd_weight=args.drd_weight, cache_dir=cache)
+    torch.manual_seed(args.seed * 1000 + int(os.environ.get("RANK", "0")))  # each rank its own noise and masks
+    provenance = {"teacher": args.teacher, "teacher_features": teacher.describe(), "pairs": objective.pairs,
+                  "perturb": vars(perturb), "drd_weight": args.drd_weight,
+                  "data": [str(p) for p in args.images], "images": len(data.files), "chips": len(data),
+                  "chip_size": args.chip_size, "train_config": train_config_dict(cfg), "command": _command()}
+
+    def save(out: Path, obj: torch.nn.Module, state: dict[str, Any]) -> None:
+        save_backbone(out, obj.student, backbone=args.student_config, in_channels=len(args.bands), method="distill",
+                      mean=data.mean.tolist(), std=data.std.tolist(),
+                      provenance={**provenance, "epochs": state["epoch"], "steps": state["step"],
+                                  "train_minutes": round(state["seconds"] / 60, 1), "last": state["last"]})
+
+    metrics = run_pretraining(objective, data, args.out, cfg, save, device=device, progress=report)
+    return {"output": str(args.out), "metrics": metrics}
 
 
 def entry_point() -> None:

@@ -160,3 +160,93 @@ def test_model_teacher_gives_backbone_levels() -> None:
     t = build_teacher("model:ssdd-ship")
     assert t.strides == {"0": 4, "1": 8, "2": 16, "3": 32} and t.in_channels == t.card.bands
     assert list(t(torch.zeros(1, t.in_channels, 64, 64))["3"].shape) == [1, t.channels["3"], 2, 2]
+
+
+# ---------------------------------------------------------------- the objective and the command
+
+class _CountingTeacher(torch.nn.Module):
+    """A tiny stand-in teacher (one conv at stride 8) that counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 8, stride=8)
+        self.mean, self.std, self.in_channels, self.label = [100.0] * 3, [50.0] * 3, 3, "counting"
+        self.channels, self.strides, self.calls = {"f": 5}, {"f": 8}, 0
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += x.shape[0]
+        return {"f": self.conv(x)}
+
+
+def test_objective_keeps_teacher_out_of_state_and_caches_its_features(tmp_path) -> None:
+    from rs_engine.models import ModelConfig, build_backbone
+    from training.distill.objective import DistillObjective, match_levels
+
+    assert match_levels({"neck": 16}) == [("2", "neck")]
+    assert match_levels({"s4": 4, "s8": 8, "s16": 16, "s32": 32}) == [("0", "s4"), ("1", "s8"), ("2", "s16"),
+                                                                    ("3", "s32")]
+    torch.manual_seed(0)
+    teacher = _CountingTeacher()
+    body = build_backbone(ModelConfig(backbone="ssm_tiny", in_channels=3))
+    obj = DistillObjective(body, teacher, [120.0] * 3, [60.0] * 3, num_chips=6,
+                           perturb=PerturbConfig(mode="adaptive"), drd_weight=0.1, cache_dir=tmp_path / "cache")
+    assert obj.pairs == [("1", "f")]
+    assert not any(k.startswith("teacher") for k in obj.state_dict())  # never saved, never optimised
+    assert all(p.requires_grad for p in obj.parameters())
+    batch = {"image": torch.randn(2, 3, 64, 64), "index": torch.tensor([3, 5])}
+    loss, logs = obj(batch)
+    loss.backward()
+    assert teacher.calls == 2 and {"l1", "noise", "mask", "drd_spatial", "drd_channel"} <= set(logs)
+    assert body.patch_embed[0].weight.grad is not None
+    # The teacher sees (x * 60 + 120 - 100) / 50: the chips renormalised to its own statistics.
+    with torch.no_grad():
+        direct = teacher.conv((batch["image"] * 60 + 20) / 50).half().float()
+    cached = obj.teacher_features(batch["image"], batch["index"])
+    assert teacher.calls == 2  # read back from the cache, the teacher did not run again
+    torch.testing.assert_close(cached["f"], direct, atol=1e-3, rtol=1e-3)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["00000003.safetensors", "00000005.safetensors"]
+    assert not torch.isnan(obj.perturb.errors[3]) and torch.isnan(obj.perturb.errors[0])
+
+
+def test_distill_torchrun_two_processes_resume_and_init_backbone(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from rs_engine.models import ModelConfig, build_model
+    from training.pretrain import init_backbone, load_backbone
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        a = (torch.rand(80, 72, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(a).save(imgs / f"{i}.png")
+    out = tmp_path / "b.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "training.cli", "distill", "--teacher", "efficientnet_lite0", "--images", str(imgs), "--chip-size", "64",
+           "--batch-size", "1", "--warmup-steps", "1", "--workers", "0", "--cache-dir", str(tmp_path / "cache"),
+           "--drd-weight", "0.1", "--progress", "jsonl", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*cmd, "--epochs", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = [e for e in map(json.loads, r.stdout.splitlines()) if e["event"] == "done"]
+    assert len(done) == 1 and done[0]["metrics"]["steps"] == 2  # 4 chips, 2 ranks, batch 1
+    # Both ranks cached their chips; the adaptive state reached the resume file.
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 4
+    from safetensors.torch import load_file
+
+    errors = load_file(str(out.with_suffix(".resume.safetensors")))["model.perturb.errors"]
+    assert int((~torch.isnan(errors)).sum()) == 4  # every rank holds every chip's error (gathered)
+    r = subprocess.run([*cmd, "--epochs", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, card = load_backbone(out)
+    assert card["method"] == "distill" and card["provenance"]["steps"] == 4  # resumed: 2 more steps, not 4
+    assert card["provenance"]["epochs"] == 2
+    model = build_model(ModelConfig(backbone="ssm_tiny", num_classes=2))
+    info = init_backbone(model, out, "ssm_tiny")
+    assert info["copied"] == len(state)
+    torch.testing.assert_close(model.backbone.body.patch_embed[0].weight, state["patch_embed.0.weight"])
