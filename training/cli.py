@@ -1,12 +1,13 @@
 """``rs-train``: train, fine-tune and evaluate models. Imports rs_engine; rs_engine never imports training.
 
-Commands: ``train`` (COCO dataset), ``finetune`` (rasters + a polygon layer: the analyst's own annotations) and
-``evaluate`` (COCO dataset, or rasters + polygons through the tiled ``rs-engine segment`` pipeline). Distillation
-and pretraining come with their issues. Exit codes as ``rs-engine``: 0, 1, 2 (bad input), 130 (cancelled; re-run
-the same command to resume). ``--progress jsonl`` writes one JSON object per line on stdout:
-``{"event": "progress", "epoch", "epochs", "done", "total", "loss"}``, ``{"event": "epoch", "epoch", "loss",
-"mask_ap", "box_ap", "minutes"}``, then ``{"event": "done", "output", "metrics"}`` or ``{"event": "error",
-"message"}``. Under ``torchrun --nproc_per_node N`` training runs with DistributedDataParallel.
+Commands: ``train`` (COCO dataset), ``finetune`` (rasters + a polygon layer: the analyst's own annotations),
+``evaluate`` (COCO dataset, or rasters + polygons through the tiled ``rs-engine segment`` pipeline) and ``pretrain``
+(a backbone from unlabelled images, :mod:`training.freqmask`). Distillation comes with its issue. Exit codes as
+``rs-engine``: 0, 1, 2 (bad input), 130 (cancelled; re-run the same command to resume). ``--progress jsonl`` writes
+one JSON object per line on stdout: ``{"event": "progress", "epoch", "epochs", "done", "total", "loss"}``,
+``{"event": "epoch", "epoch", "loss", "mask_ap", "box_ap", "minutes"}``, then ``{"event": "done", "output",
+"metrics"}`` or ``{"event": "error", "message"}``. Under ``torchrun --nproc_per_node N`` training runs with
+DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -96,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.add_argument("--record", metavar="SPLIT", help="store the metrics in the model card's provenance under "
                    "metrics[SPLIT] (e.g. test); the model must be a file path")
+    pt = sub.add_parser("pretrain", help="pretrain a backbone without labels (frequency-masked reconstruction)")
+    pt.add_argument("--method", default="freq-mask", choices=["freq-mask"],
+                    help="freq-mask: RS-vHeat-style DCT band masking, pixel + frequency reconstruction")
+    pt.add_argument("--images", required=True, type=Path, nargs="+", metavar="DIR",
+                    help="folders (searched recursively) and raster files of unlabelled images")
+    pt.add_argument("--backbone", default="heat_tiny", help="backbone name (heat_tiny, ssm_tiny...)")
+    pt.add_argument("--out", required=True, type=Path, help="output backbone file (.safetensors), for --init-backbone")
+    pt.add_argument("--bands", default="1,2,3", type=parse_bands, help="image bands to use, 1-based (e.g. 1 for SAR)")
+    pt.add_argument("--chip-size", type=int, default=256)
+    pt.add_argument("--chips-per-image", type=int, default=1)
+    g = pt.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch-size", type=int, default=8, help="chips per step (per process under torchrun)")
+    g.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate")
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--max-minutes", type=float, help="stop after this much training time (re-run to continue)")
+    g.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    g.add_argument("--workers", type=int, default=1, help="data-loading processes")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     _distill_parser(sub)
     return p
 
@@ -134,7 +156,6 @@ def _distill_parser(sub: Any) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
-
 
 
 class _Reporter:
@@ -191,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         command = {"train": _train, "finetune": _finetune, "evaluate": _evaluate,
-                   "distill": _distill}[args.command]
+                   "pretrain": _pretrain, "distill": _distill}[args.command]
         result = command(args, report)
     except InputError as exc:
         report.error(str(exc))
@@ -393,6 +414,44 @@ def _evaluate(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _pretrain(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
+    import torch
+
+    from rs_engine.models import BACKBONES, ModelConfig, build_backbone
+    from training.freqmask import FreqMaskObjective
+    from training.pretrain import UnlabelledChips, run_pretraining, save_backbone, train_config_dict
+    from training.train import TrainConfig
+
+    if args.backbone not in BACKBONES:
+        raise InputError(f"--backbone {args.backbone}: unknown (known: {', '.join(BACKBONES)})")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    device = _device(args.device)
+    data = UnlabelledChips(args.images, size=args.chip_size, bands=args.bands,
+                           chips_per_image=args.chips_per_image, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                      max_minutes=args.max_minutes, checkpoint_minutes=args.checkpoint_minutes,
+                      num_workers=args.workers, seed=args.seed)
+    torch.manual_seed(args.seed)
+    body = build_backbone(ModelConfig(backbone=args.backbone, in_channels=len(args.bands), tile_size=args.chip_size))
+    # Each DDP rank draws its own masks; the weights start equal (same seed) and DDP keeps them so.
+    objective = FreqMaskObjective(body, len(args.bands), seed=args.seed * 1000 + int(os.environ.get("RANK", "0")))
+    provenance = {"data": [str(p) for p in args.images], "images": len(data.files), "chips": len(data),
+                  "chip_size": args.chip_size, "train_config": train_config_dict(cfg), "command": _command()}
+
+    def save(out: Path, obj: torch.nn.Module, state: dict[str, Any]) -> None:
+        save_backbone(out, obj.backbone, backbone=args.backbone, in_channels=len(args.bands), method=args.method,
+                      mean=data.mean.tolist(), std=data.std.tolist(),
+                      provenance={**provenance, "epochs": state["epoch"], "steps": state["step"],
+                                  "train_minutes": round(state["seconds"] / 60, 1), "last": state["last"]})
+
+    if not args.out.parent.is_dir():
+        raise InputError(f"{args.out}: its folder does not exist")
+    metrics = run_pretraining(objective, data, args.out, cfg, save, device=device, progress=report)
+    return {"output": str(args.out), "metrics": metrics}
 
 
 def _distill(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
