@@ -1,9 +1,23 @@
-"""Backbone cost: params, GFLOPs at 512 and 1024 px, and CPU time per 512 px tile, for each backbone variant,
-with torchvision's ResNet-50 (+FPN) measured in the same run as the baseline.
+"""Backbone scaling: CPU time per megapixel and peak memory at tiles of 256 to 2048 px, params and GFLOPs, for each
+SSM size, the heat backbones, a ViT-B with global attention (the SAM-style teacher) and ResNet-50-FPN, with the
+CPU's matrix-product rate measured in the same run.
 
-Usage: python bench/backbones.py [--quick] [--out bench/results] [--names ssm_tiny,rs4d_s,...]
-Writes backbones.json and backbones.md into --out. Times are medians over repeats after a warm-up; the
-machine is shared, so compare ratios within one run.
+Usage::
+
+    .venv/bin/python bench/backbones.py [--quick] [--out bench/results] [--names ssm_tiny,vit_b_global,...]
+        [--sizes 256,512,1024,2048] [--threads N] [--timeout 600] [--mem-cap-gb 12]
+
+What is timed is the feature extractor a detector runs: the backbone body and its neck (the FPN of the Mask R-CNN
+models, SAM's 256-channel neck for the ViT-B), batch 1, inference mode, median of several forward passes after a
+warm-up. Params and GFLOPs are of the body alone (the figure papers compare: RS4D's student vs teacher), from
+``torch.utils.flop_counter`` plus the analytic cost of selective scans (:func:`rs_engine.models.count_flops`);
+a multiply-add is 2 FLOPs. Each (model, size) runs in a fresh process: its peak RSS is the kernel's high-water mark
+for that process, and "activations" is that peak minus the RSS after building the model. A process over
+``--timeout`` seconds or over ``--mem-cap-gb`` of address space is reported as such, not retried.
+
+The ViT-B is segment-anything's ``ImageEncoderViT`` with SAM ViT-B's sizes (embed 768, depth 12, 12 heads, relative
+positions) and global attention in every block (``window_size=0``), built for each tile size (its absolute position
+embedding is per size). Writes ``backbones.json``, ``backbones.md`` and ``backbones.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -11,60 +25,216 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from functools import partial
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rs_engine.models import BACKBONES, ModelConfig, build_model, count_flops
+from bench.common import last_json, machine, matmul_gflops, pyplot, run_measured, write_outputs  # noqa: E402
+
+DEFAULT_NAMES = "ssm_tiny,ssm_small,ssm_base,rs4d_s,heat_tiny,heat_small,vit_b_global,resnet50"
+LABELS = {"vit_b_global": "ViT-B global attn (SAM-style)", "resnet50": "ResNet-50-FPN"}
 
 
-def time_forward(net: torch.nn.Module, size: int, repeats: int, batch: int = 1) -> float:
-    """Median seconds of one forward pass of a (batch, 3, size, size) input (inference mode)."""
-    x = torch.randn(batch, 3, size, size)
+def build(name: str, size: int):  # noqa: ANN201
+    """``(extractor, body, neck_input_or_None)``: the module timed and the body counted."""
+    import torch
+    from torch import nn
+
+    if name == "vit_b_global":
+        from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+        enc = ImageEncoderViT(img_size=size, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                              out_chans=256, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                              use_rel_pos=True, window_size=0, global_attn_indexes=())
+        neck = enc.neck
+        body = _ViTBody(enc)
+        return enc, body, neck
+    from rs_engine.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(backbone=name, tile_size=size))
+    torch.manual_seed(0)
+    return model.backbone, model.backbone.body, None
+
+
+class _ViTBody:
+    """SAM's encoder without its neck, as a callable for the FLOP counter."""
+
+    def __init__(self, enc) -> None:  # noqa: ANN001
+        self.enc = enc
+
+    def __call__(self, x):  # noqa: ANN001, ANN204
+        e = self.enc
+        x = e.patch_embed(x)
+        if e.pos_embed is not None:
+            x = x + e.pos_embed
+        for blk in e.blocks:
+            x = blk(x)
+        return x
+
+    def parameters(self):  # noqa: ANN201
+        return (p for n, p in self.enc.named_parameters() if not n.startswith("neck."))
+
+
+def body_flops(body, size: int) -> float:  # noqa: ANN001
+    """GFLOPs of the body on one (3, size, size) tile (scans included for SSM bodies)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rs_engine.models.ssm import SSMBackbone
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        body(torch.zeros(1, 3, size, size))
+    scan = sum(m.scan_flops(1, size, size) for m in getattr(body, "modules", lambda: [])()
+               if isinstance(m, SSMBackbone))
+    return (counter.get_total_flops() + scan) / 1e9
+
+
+def child(name: str, size: int, repeats: int, flops: bool) -> None:
+    """Measure one (model, size) in this process; print one JSON line."""
+    import psutil
+    import torch
+
+    ext, body, _ = build(name, size)
+    ext.eval()
+    rec = {"backbone": name, "size": size, "threads": torch.get_num_threads(),
+           "params_m": round(sum(p.numel() for p in body.parameters()) / 1e6, 2)}
+    rss_built = psutil.Process().memory_info().rss / 2**20
+    x = torch.randn(1, 3, size, size)
     with torch.inference_mode():
-        net(x)
-        times = []
+        t = time.perf_counter()
+        ext(x)  # warm-up (allocator, caches of bases and decay maps)
+        warm = time.perf_counter() - t
+        times = [warm] if repeats == 0 else []
         for _ in range(repeats):
             t = time.perf_counter()
-            net(x)
+            ext(x)
             times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    seconds = statistics.median(times)
+    from bench.common import peak_rss_mb
+
+    rec.update(seconds=round(seconds, 4), s_per_mpx=round(seconds / (size * size / 1e6), 4),
+               peak_rss_mb=round(peak_rss_mb(), 1), activations_mb=round(peak_rss_mb() - rss_built, 1),
+               repeats=max(repeats, 1))
+    if flops:
+        rec["gflops"] = round(body_flops(body, size), 2)
+        rec["gflops_per_s"] = round(rec["gflops"] / seconds, 1)  # body FLOPs over extractor time: a lower bound
+    print(json.dumps(rec), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one repeat, 256 px: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="256 and 512 px, one repeat: a smoke test")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
-    ap.add_argument("--names", default=",".join([*BACKBONES, "resnet50"]))
+    ap.add_argument("--names", default=DEFAULT_NAMES)
+    ap.add_argument("--sizes", default="256,512,1024,2048")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per (model, size) before giving up")
+    ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap of each measured process")
+    ap.add_argument("--child", nargs=4, metavar=("NAME", "SIZE", "REPEATS", "FLOPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    size, repeats = (256, 1) if args.quick else (512, 3)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.child:
+        name, size, repeats, flops = args.child
+        child(name, int(size), int(repeats), flops == "1")
+        return
+    sizes = [256, 512] if args.quick else [int(s) for s in args.sizes.split(",")]
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    info = machine()
+    if args.threads:
+        info["threads"] = args.threads
+    info["matmul_gflops"] = round(matmul_gflops(), 1)
+    print(json.dumps(info), flush=True)
     rows = []
     for name in args.names.split(","):
-        model = build_model(ModelConfig(backbone=name, tile_size=size)).eval()
-        f512 = count_flops(model, 512)
-        f1024 = count_flops(model, 1024) if not args.quick else {"backbone_gflops": float("nan")}
-        body = model.backbone.body
-        seconds = time_forward(body, size, repeats)
-        rows.append({
-            "backbone": name, "params_m": round(sum(p.numel() for p in body.parameters()) / 1e6, 2),
-            "gflops_512": round(f512["backbone_gflops"], 2), "gflops_1024": round(f1024["backbone_gflops"], 2),
-            "scan_gflops_512": round(f512["scan_gflops"], 2), "tile_px": size, "cpu_s_per_tile": round(seconds, 3),
-            "threads": torch.get_num_threads(),
-        })
-        print(json.dumps(rows[-1]), flush=True)
-    (args.out / "backbones.json").write_text(json.dumps(rows, indent=1))
-    head = "| backbone | params (M) | GFLOPs 512 | GFLOPs 1024 | of which scan (512) | CPU s / tile |"
-    lines = [head, "|" + "---|" * 6]
-    for r in rows:
-        lines.append(f"| {r['backbone']} | {r['params_m']} | {r['gflops_512']} | {r['gflops_1024']} | "
-                     f"{r['scan_gflops_512']} | {r['cpu_s_per_tile']} ({r['tile_px']} px) |")
-    lines.append("\nParams and GFLOPs of the backbone body (no FPN/heads); GFLOPs count a multiply-add as 2 and "
-                 "include the selective scans (9 L D N). CPU time: backbone body only, "
-                 f"batch 1, {rows[0]['threads']} threads, median of {repeats}.")
-    (args.out / "backbones.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        for size in sizes:
+            repeats = 1 if args.quick else {256: 7, 512: 5, 1024: 3}.get(size, 1)
+            cmd = [sys.executable, __file__, "--child", name, str(size), str(repeats),
+                   "1" if size in (512, 1024) or args.quick else "0"]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            r = run_measured(cmd, args.timeout, env=env, mem_cap_gb=args.mem_cap_gb)
+            rec = last_json(r["stdout"]) if r["rc"] == 0 else None
+            if rec is None:
+                err = (r["stderr"].strip().splitlines() or ["?"])[-1]
+                status = (f"over {args.timeout:.0f} s" if r["timed_out"] else
+                          f"out of memory (> {args.mem_cap_gb:g} GB)" if "alloc" in err.lower() or
+                          "memory" in err.lower() else f"failed: {err[:120]}")
+                rec = {"backbone": name, "size": size, "status": status, "peak_rss_mb": r["peak_rss_mb"]}
+            else:
+                rec["status"] = "ok"
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+            if rec["status"] != "ok":
+                break  # larger tiles of the same model will not fare better
+    table = _table(rows, sizes, info)
+    record = {"machine": info, "rows": rows}
+    write_outputs(args.out, "backbones", record, table)
+    _plot(rows, args.out / "backbones.png", info)
+
+
+def _get(rows: list[dict], name: str, size: int) -> dict | None:
+    return next((r for r in rows if r["backbone"] == name and r["size"] == size), None)
+
+
+def _table(rows: list[dict], sizes: list[int], info: dict) -> str:
+    names = list(dict.fromkeys(r["backbone"] for r in rows))
+    head = ("| backbone | params (M) | GFLOPs 1024 | " + " | ".join(f"s/Mpx {s}" for s in sizes)
+            + f" | growth {sizes[-1]}/{sizes[0]} | " + " | ".join(f"act. MB {s}" for s in sizes)
+            + " | % of matmul peak (1024) |")
+    lines = [head, "|" + "---|" * (5 + 2 * len(sizes))]
+    for n in names:
+        cells = [LABELS.get(n, n)]
+        params = next((r.get("params_m") for r in rows if r["backbone"] == n and "params_m" in r), None)
+        r1024 = _get(rows, n, 1024) or _get(rows, n, sizes[-1]) or {}
+        cells += [str(params), str(r1024.get("gflops", "-"))]
+        for s in sizes:
+            r = _get(rows, n, s)
+            cells.append("-" if r is None else str(r.get("s_per_mpx", r.get("status"))))
+        first, last = _get(rows, n, sizes[0]), _get(rows, n, sizes[-1])
+        growth = (last["s_per_mpx"] / first["s_per_mpx"] if first and last and "s_per_mpx" in last
+                  and "s_per_mpx" in first else None)
+        cells.append(f"{growth:.2f}x" if growth else "-")
+        for s in sizes:
+            r = _get(rows, n, s)
+            cells.append("-" if r is None else str(r.get("activations_mb", r.get("status"))))
+        frac = r1024.get("gflops_per_s")
+        cells.append(f"{100 * frac / info['matmul_gflops']:.0f}%" if frac else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nCPU: {info['cpu']}, {info['threads']} threads, fp32 matmul peak {info['matmul_gflops']} GFLOP/s "
+                 f"(measured in this run); load average at start {info['loadavg_1min']}. s/Mpx: seconds per megapixel "
+                 "of one forward pass of body + neck at that tile size (batch 1). Growth: s/Mpx at the largest tile "
+                 "over the smallest (1.0 = linear cost in pixels). act. MB: peak RSS minus RSS after building the "
+                 "model. % of matmul peak: body GFLOPs / extractor time / matmul peak.")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], png: Path, info: dict) -> None:
+    plt = pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for n in dict.fromkeys(r["backbone"] for r in rows):
+        ok = [r for r in rows if r["backbone"] == n and r.get("status") == "ok"]
+        if not ok:
+            continue
+        xs = [r["size"] for r in ok]
+        a1.plot(xs, [r["s_per_mpx"] for r in ok], "o-", label=LABELS.get(n, n))
+        a2.plot(xs, [max(r["activations_mb"], 1) for r in ok], "o-", label=LABELS.get(n, n))
+    for a, t in ((a1, "CPU seconds per megapixel"), (a2, "activation memory (MB, peak RSS - model)")):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("tile side (px)")
+        a.set_title(t, fontsize=10)
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.suptitle(f"Backbone scaling, {info['threads']} CPU threads ({info['cpu']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
