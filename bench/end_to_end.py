@@ -79,8 +79,8 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
     gpkg = out_dir / f"{Path(model).stem}_{raster.stem}.gpkg"
     r = run_measured(segment_cmd(raster, model, gpkg, tile, overlap, batch), timeout, env=env)
     done = last_json(r["stdout"]) or {}
-    rec = {"raster": raster.name, "side": side, "mpx": round(mpx, 2), "model": Path(model).stem, "seconds": round(r["seconds"], 1),
-           "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"]}
+    rec = {"raster": raster.name, "side": side, "mpx": round(mpx, 2), "model": Path(model).stem,
+           "seconds": round(r["seconds"], 1), "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"]}
     if r["rc"] == 0:
         rec["mpx_per_s"] = round(mpx / r["seconds"], 4)
         rec["objects"] = done.get("features")
@@ -155,8 +155,8 @@ def _table(rec: dict) -> str:
         lines += ["", "| raster side (px) | Mpx | Mpx/s | seconds | peak RSS (MB) | objects |",
                   "|---|---|---|---|---|---|"]
         for r in rec["stream"]:
-            lines.append(f"| {r['side']} | {r['mpx']} | {r.get('mpx_per_s', '-')} | {r['seconds']} | {r['peak_rss_mb']} | "
-                         f"{r.get('objects', r.get('error', '-'))} |")
+            lines.append(f"| {r['side']} | {r['mpx']} | {r.get('mpx_per_s', '-')} | {r['seconds']} | "
+                         f"{r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} |")
         ok = [r for r in rec["stream"] if r["rc"] == 0]
         if len(ok) >= 2:
             lines.append(f"\nPeak RSS at the largest raster / at the smallest: "
