@@ -43,6 +43,9 @@ def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int,
     g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     g.add_argument("--init-backbone", type=Path, metavar="BACKBONE.safetensors",
                    help="initialise the backbone from a pretrained backbone file (rs-train distill / pretrain)")
+    g.add_argument("--drd-teacher", metavar="SPEC", help="add dual relation distillation (DRD) from this teacher "
+                   "(a model name or file, or any rs-train distill --teacher spec)")
+    g.add_argument("--drd-weight", type=float, default=1.0, help="weight of the DRD loss (with --drd-teacher)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,7 +300,7 @@ def _train(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
             return evaluate_coco(m, val_set, device=device, max_images=args.val_max_images)
 
     metrics = train(model, card, train_set, args.out, _train_config(args), evaluate=evaluate, device=device,
-                    progress=report)
+                    progress=report, extra_loss=_drd_extra(args, model, card))
     return {"output": str(args.out), "metrics": metrics}
 
 
@@ -349,8 +352,21 @@ def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
             return evaluate_chips(m, val_set, train_set.class_names, device=device)
 
     metrics = train(model, card, train_set, args.out, _train_config(args), evaluate=evaluate, device=device,
-                    progress=report)
+                    progress=report, extra_loss=_drd_extra(args, model, card))
     return {"output": str(args.out), "classes": train_set.class_names, "metrics": metrics}
+
+
+def _drd_extra(args: argparse.Namespace, model: Any, card: Any) -> Any:
+    """The ``--drd-teacher`` extra loss of train / finetune, or None."""
+    if not args.drd_teacher:
+        return None
+    if args.drd_weight <= 0:
+        raise InputError("--drd-weight must be > 0")
+    from training.distill.objective import DRDExtraLoss
+    from training.distill.teachers import build_teacher
+
+    card.provenance["drd"] = {"teacher": args.drd_teacher, "weight": args.drd_weight}
+    return DRDExtraLoss(model, build_teacher(args.drd_teacher), card.mean, card.std, args.drd_weight)
 
 
 def _raster_bands(rasters: Sequence[Path], model_bands: int, bands: list[int] | None) -> list[int]:

@@ -73,6 +73,17 @@ def all_mean(d: Dist, value: float) -> float:
     return float(t.item()) / d.world_size
 
 
+def average_grads(d: Dist, params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of parameters that DistributedDataParallel does not manage (e.g. an extra loss's
+    projections) over ranks, so every rank takes the same optimizer step."""
+    if not d.enabled:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= d.world_size
+
+
 def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: ``progress(event)`` receives dicts: ``{"event": "progress", "epoch", "epochs", "done", "total", "loss"}`` per
 #: step and ``{"event": "epoch", "epoch", "loss", "mask_ap", "box_ap", "minutes"}`` per epoch (rank 0 only).
 ProgressFn = Callable[[dict[str, Any]], None]
+#: ``extra_loss(model, images) -> scalar Tensor``: a loss added at every training step (see :func:`train`).
+ExtraLoss = Callable[[torch.nn.Module, list], torch.Tensor]
 
 
 @dataclass
@@ -145,7 +147,7 @@ def _seed_worker(worker_id: int) -> None:
 
 def train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.Dataset, out: Path,
           cfg: TrainConfig, evaluate: Callable[[torch.nn.Module], dict] | None = None, device: str = "cpu",
-          progress: ProgressFn | None = None) -> dict[str, Any]:
+          progress: ProgressFn | None = None, extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
     """Train ``model`` on ``train_set``; write the best model (by validation mask AP when ``evaluate`` is given,
     else the last) to ``out`` with its card; resume from ``out``'s resume file when one exists.
 
@@ -157,19 +159,23 @@ def train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.D
         evaluate: ``evaluate(model) -> {"segm": {"AP": ...}, "bbox": {...}}`` or None.
         device: ``cpu`` or ``cuda`` (under DDP each rank takes its local GPU).
         progress: event callback (see :data:`ProgressFn`).
+        extra_loss: ``extra_loss(model, images) -> scalar Tensor`` added to the Mask R-CNN losses at every step
+            (e.g. :class:`training.distill.objective.DRDExtraLoss`); when it is an ``nn.Module`` its trainable
+            parameters are optimised too and kept in the resume file (never in the model file).
 
     Returns:
         the best metrics dict (also stored in ``card.provenance["metrics"]``); empty without ``evaluate``.
     """
     d = distributed.setup(device)
     try:
-        return _train(model, card, train_set, Path(out), cfg, evaluate, d, progress)
+        return _train(model, card, train_set, Path(out), cfg, evaluate, d, progress, extra_loss)
     finally:
         distributed.cleanup(d)
 
 
 def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.Dataset, out: Path,
-           cfg: TrainConfig, evaluate: Callable | None, d: Dist, progress: ProgressFn | None) -> dict[str, Any]:
+           cfg: TrainConfig, evaluate: Callable | None, d: Dist, progress: ProgressFn | None,
+           extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
     resume_path = out.with_suffix(".resume.safetensors")
     log_path = out.with_suffix(".log.csv")
     device = d.device
@@ -177,6 +183,9 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
     if (n := apply_freeze(model, cfg)):
         log.info("froze %d parameter tensors (%s)", n, ", ".join(frozen_prefixes(model, cfg)))
     params = [p for p in model.parameters() if p.requires_grad]
+    extra = extra_loss if isinstance(extra_loss, torch.nn.Module) else None
+    extra_params = [p for p in extra.to(device).parameters() if p.requires_grad] if extra is not None else []
+    params += extra_params
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -192,7 +201,7 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_ap": -1.0, "best_epoch": 0, "seconds": 0.0,
                              "metrics": {}}
     if resume_path.exists():
-        state = {**state, **_load_resume(resume_path, model, opt)}
+        state = {**state, **_load_resume(resume_path, model, opt, extra)}
         log.info("resumed from %s at epoch %d step %d", resume_path, state["epoch"], state["step"])
     net = model
     if d.enabled:
@@ -231,8 +240,11 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
                 with torch.autocast("cuda", enabled=use_amp):
                     losses = net(images, targets)
                     loss = sum(losses.values())
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(model, images)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                distributed.average_grads(d, extra_params)  # outside DDP's wrapper: average them here
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
                 scaler.step(opt)
@@ -248,7 +260,7 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
                     if state["step"] % 20 == 0:
                         log.info("epoch %d step %d lr %.2e loss %.3f", epoch, state["step"], lr, running / n)
                     if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
-                        _save_resume(resume_path, model, opt, state)
+                        _save_resume(resume_path, model, opt, state, extra)
                         last_ckpt = time.monotonic()
                 over_time = bool(cfg.max_minutes and state["seconds"] > cfg.max_minutes * 60)
                 if distributed.broadcast_flag(d, over_time):
@@ -274,7 +286,7 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
                 writer.writerow([done, state["step"], f"{lr:.3g}", f"{epoch_loss:.4f}", ap, box,
                                  f"{state['seconds'] / 60:.1f}"])
                 fh.flush()
-                _save_resume(resume_path, model, opt, state)
+                _save_resume(resume_path, model, opt, state, extra)
                 last_ckpt = time.monotonic()
                 try:
                     plot_curves(log_path, out.with_suffix(".curves.png"))
@@ -295,7 +307,7 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
             distributed.barrier(d)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI maps it): keep the progress for a re-run
         if d.main and state["step"] > 0:
-            _save_resume(resume_path, model, opt, state)
+            _save_resume(resume_path, model, opt, state, extra)
             log.info("interrupted at step %d; state saved to %s", state["step"], resume_path)
         raise
     finally:
@@ -352,8 +364,11 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
-def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict,
+                 extra: torch.nn.Module | None = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if extra is not None:
+        tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra.state_dict().items()})
     opt_state = opt.state_dict()
     for pid, st in opt_state["state"].items():
         for k, v in st.items():
@@ -365,13 +380,16 @@ def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
     os.replace(tmp, path)
 
 
-def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 extra: torch.nn.Module | None = None) -> dict:
     from safetensors import safe_open
 
     tensors = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if extra is not None:
+        extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
     opt_state: dict[str, Any] = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
     for key, v in tensors.items():
         if key.startswith("optim."):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rs_engine.errors import InputError
 from training.distill.drd import (
     DRDLoss,
     channel_distance,
@@ -77,3 +78,65 @@ def test_drd_loss_zero_on_identical_features_and_positive_otherwise() -> None:
 def test_drd_loss_pairs_must_match() -> None:
     with pytest.raises(ValueError, match="pairs"):
         DRDLoss([(4, 4)])([torch.zeros(1, 4, 2, 2)] * 2, [torch.zeros(1, 4, 2, 2)] * 2)
+
+
+class _Squares(torch.utils.data.Dataset):
+    """Two 64 px 3-band chips with one bright square each (a Mask R-CNN loss needs an instance)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        import numpy as np
+
+        from training.augment import make_target
+
+        masks = np.zeros((1, 64, 64), np.uint8)
+        masks[0, 10 + 20 * i:30 + 20 * i, 20:40] = 1
+        img = torch.zeros(3, 64, 64)
+        img[:, torch.from_numpy(masks[0]).bool()] = 2.0
+        return img, make_target(masks, np.array([1]))
+
+
+def test_drd_as_extra_loss_of_supervised_training(tmp_path, make_card) -> None:
+    """train(extra_loss=DRDExtraLoss): the DRD term runs every step on the hooked backbone features, its projections
+    learn and live in the resume file only; the model file stays a plain model file."""
+    from safetensors.torch import load_file
+
+    from rs_engine.checkpoint import load_model
+    from rs_engine.models import ModelConfig, build_model
+    from training.distill.objective import DRDExtraLoss
+    from training.distill.teachers import build_teacher
+    from training.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="ssm_tiny", num_classes=1, tile_size=64))
+    card = make_card(bands=3, class_names=("blob",))
+    card.architecture = ModelConfig(backbone="ssm_tiny", num_classes=1, tile_size=64).to_dict()
+    teacher = build_teacher("model:ssdd-ship")  # a 1-band SAR model cannot teach on 3-band chips
+    assert teacher.in_channels == 1
+    with pytest.raises(InputError, match="bands"):
+        DRDExtraLoss(model, teacher, card.mean, card.std, 1.0)
+    teacher = build_teacher("efficientnet_lite0")
+    extra = DRDExtraLoss(model, teacher, card.mean, card.std, weight=0.5)
+    before = extra.drd.proj[0].weight.detach().clone()
+    calls = []
+
+    def counted(m, images):  # noqa: ANN001, ANN202
+        loss = extra(m, images)
+        calls.append(float(loss.detach()))
+        return loss
+
+    out = tmp_path / "m.safetensors"
+    train(model, card, _Squares(), out, TrainConfig(epochs=1, batch_size=1, warmup_steps=1, num_workers=0),
+          extra_loss=counted)
+    assert len(calls) == 2 and all(c > 0 for c in calls)
+    assert torch.equal(extra.drd.proj[0].weight, before)  # a plain callable: its parameters are not optimised
+    out2 = tmp_path / "m2.safetensors"
+    train(model, card, _Squares(), out2, TrainConfig(epochs=1, batch_size=1, warmup_steps=1, num_workers=0),
+          extra_loss=extra)  # an nn.Module: its projections are optimised and resumable
+    assert not torch.equal(extra.drd.proj[0].weight, before)
+    resume = load_file(str(out2.with_suffix(".resume.safetensors")))
+    assert any(k.startswith("extra.drd.proj.") for k in resume)
+    loaded, _ = load_model(out2)  # no DRD tensors in the model file (load_model is strict)
+    assert not any("drd" in k for k in loaded.state_dict())

@@ -40,6 +40,25 @@ def match_levels(teacher_strides: dict[str, int], student_strides: dict[str, int
     return pairs
 
 
+def teacher_input(teacher: Teacher, data_mean: Sequence[float], data_std: Sequence[float]
+                  ) -> tuple[int, Tensor, Tensor]:
+    """How chips normalised with the data's statistics become the teacher's input: ``(repeat, a, b)`` with
+    ``x_teacher = repeat_bands(x) * a + b`` = (pixel - teacher mean) / teacher std; a, b (1, C_t, 1, 1).
+    One band is repeated into a 3-band teacher (SAR into an RGB network).
+
+    Raises:
+        InputError: the band counts cannot be matched.
+    """
+    bands = len(data_mean)
+    if teacher.in_channels != bands and not (bands == 1 and teacher.in_channels > 1):
+        raise InputError(f"the teacher ({teacher.label}) takes {teacher.in_channels} bands, the chips have "
+                         f"{bands}: choose --bands to match")
+    repeat = teacher.in_channels if bands == 1 and teacher.in_channels > 1 else 1
+    mean_d, std_d = torch.tensor(list(data_mean)).repeat(repeat), torch.tensor(list(data_std)).repeat(repeat)
+    mean_t, std_t = torch.tensor(teacher.mean), torch.tensor(teacher.std)
+    return repeat, (std_d / std_t).view(1, -1, 1, 1), ((mean_d - mean_t) / std_t).view(1, -1, 1, 1)
+
+
 class DistillObjective(nn.Module):
     """Student body + projections (+ DRD projections) trained to match a frozen teacher.
 
@@ -72,18 +91,9 @@ class DistillObjective(nn.Module):
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # not registered: no parameters, no state, no .to()
-        bands = len(data_mean)
-        if teacher.in_channels not in (bands, 1) and not (bands == 1 and teacher.in_channels == 3):
-            raise InputError(f"the teacher ({teacher.label}) takes {teacher.in_channels} bands, the chips have "
-                             f"{bands}: choose --bands to match")
-        self.repeat = teacher.in_channels if bands == 1 and teacher.in_channels > 1 else 1
-        mean_d, std_d = torch.tensor(list(data_mean)), torch.tensor(list(data_std))
-        if self.repeat > 1:
-            mean_d, std_d = mean_d.repeat(self.repeat), std_d.repeat(self.repeat)
-        mean_t, std_t = torch.tensor(teacher.mean[:len(mean_d)]), torch.tensor(teacher.std[:len(mean_d)])
-        # x_teacher = (x * std_d + mean_d - mean_t) / std_t = x * a + b; not learned, not saved (recomputed).
-        self.register_buffer("scale", (std_d / std_t).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("shift", ((mean_d - mean_t) / std_t).view(1, -1, 1, 1), persistent=False)
+        self.repeat, scale, shift = teacher_input(teacher, data_mean, data_std)
+        self.register_buffer("scale", scale, persistent=False)  # not learned, not saved (recomputed)
+        self.register_buffer("shift", shift, persistent=False)
         self.pairs = match_levels(teacher.strides)
         s_channels = dict(zip(STUDENT_STRIDES, student.out_channels_list))
         self.proj = nn.ModuleDict({t: Projection(s_channels[s], teacher.channels[t]) for s, t in self.pairs})
@@ -167,3 +177,58 @@ def cache_key(teacher_spec: str, dataset: Any) -> str:
             "chips_per_image": dataset.chips_per_image, "augment": dataset.augment, "files": files,
             "mean": [float(m) for m in dataset.mean], "std": [float(s) for s in dataset.std]}
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class DRDExtraLoss(nn.Module):
+    """DRD (seed 002) as an extra loss of supervised training: ``weight * DRD(student body levels, teacher maps)``,
+    for :func:`training.train.train`'s ``extra_loss`` (``rs-train train|finetune --drd-teacher SPEC``).
+
+    The student's backbone features are captured by a forward hook on ``model.backbone.body`` during the Mask R-CNN
+    forward of the same step (no second student pass); the teacher (frozen, held outside this module's state) runs
+    on the hooked body input, renormalised to its own statistics (:func:`teacher_input`). Only the DRD channel
+    projections are trainable; they live in the resume file, never in the model file.
+
+    Args:
+        model: the Mask R-CNN being trained (:func:`rs_engine.models.build_model`).
+        data_mean, data_std: per-band normalisation of the training chips (the model card's).
+        weight: the loss weight W.
+
+    Raises:
+        InputError: the band counts of teacher and chips cannot be matched.
+    """
+
+    def __init__(self, model: nn.Module, teacher: Teacher, data_mean: Sequence[float], data_std: Sequence[float],
+                 weight: float) -> None:
+        super().__init__()
+        object.__setattr__(self, "teacher", teacher)
+        self.repeat, scale, shift = teacher_input(teacher, data_mean, data_std)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+        body = model.backbone.body
+        self.pairs = match_levels(teacher.strides)
+        with torch.no_grad():
+            probe = body(torch.zeros(1, len(data_mean), 64, 64))
+        s_channels = {k: v.shape[1] for k, v in probe.items()}
+        self.drd = DRDLoss([(s_channels[s], teacher.channels[t]) for s, t in self.pairs])
+        self.weight = weight
+        self.last: dict[str, float] = {}
+        self._seen: tuple[Tensor, dict[str, Tensor]] | None = None
+        body.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: dict[str, Tensor]) -> None:
+        if module.training:
+            self._seen = (inputs[0], output)
+
+    def forward(self, model: nn.Module, images: list[Tensor]) -> Tensor:
+        if self._seen is None:
+            raise RuntimeError("DRDExtraLoss: the model's backbone did not run in training mode this step")
+        x, feats = self._seen
+        self._seen = None
+        t = self.teacher
+        if next(t.parameters()).device != x.device:
+            t.to(x.device)
+        with torch.no_grad():
+            xt = x.detach().repeat(1, self.repeat, 1, 1) if self.repeat > 1 else x.detach()
+            target = {k: v.float() for k, v in t(xt * self.scale + self.shift).items()}
+        loss, self.last = self.drd([feats[s].float() for s, _ in self.pairs], [target[n] for _, n in self.pairs])
+        return self.weight * loss
