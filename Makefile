@@ -44,9 +44,13 @@ lint: venv
 plugin:
 	$(PYTHON_SYS) qgis_plugin/build_zip.py
 
+# Benchmarks (bench/, docs/benchmarks.md): JSON, markdown tables and PNG plots into bench/results.
+# `make bench QUICK=1` is the smoke test (minutes); the full run takes about an hour on 2 cores.
+BENCH_FLAGS = $(if $(QUICK),--quick,)
 bench: venv
-	$(PY) bench/scan.py --out bench/results
-	$(PY) bench/backbones.py --out bench/results
+	$(PY) bench/scan.py $(BENCH_FLAGS) --out bench/results
+	$(PY) bench/backbones.py $(BENCH_FLAGS) --out bench/results
+	$(PY) bench/end_to_end.py $(BENCH_FLAGS) --out bench/results
 
 lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra train --python-version 3.11 \

@@ -92,7 +92,7 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 1024 px raster, streaming at 512/1024: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="a 512 px raster, streaming at 256/512: a smoke test")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--data", type=Path, default=ROOT / "out" / "bench", help="where the test rasters are cached")
     ap.add_argument("--threads", type=int, help="OMP/torch threads of the segment processes")
@@ -106,8 +106,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream")
     args = ap.parse_args()
-    side = 1024 if args.quick else args.side
-    stream = [512, 1024] if args.quick else [int(s) for s in args.stream_sides.split(",")]
+    side = 512 if args.quick else args.side
+    stream = [256, 512] if args.quick else [int(s) for s in args.stream_sides.split(",")]
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     if args.threads:
         import torch

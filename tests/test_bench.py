@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,9 +21,34 @@ def test_scan_bench_quick(tmp_path) -> None:
 
 
 def test_backbone_bench_quick(tmp_path) -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "bench/backbones.py"), "--quick", "--names", "ssm_tiny,rs4d_s",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(ROOT / "bench/backbones.py"), "--quick", "--names", "ssm_tiny,heat_tiny",
+                        "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    rows = json.loads((tmp_path / "backbones.json").read_text())
-    assert [r["backbone"] for r in rows] == ["ssm_tiny", "rs4d_s"]
-    assert all(r["params_m"] > 0 and r["gflops_512"] > r["scan_gflops_512"] > 0 for r in rows)
+    rows = json.loads((tmp_path / "backbones.json").read_text())["rows"]
+    assert [(r["backbone"], r["size"]) for r in rows] == [(n, s) for n in ("ssm_tiny", "heat_tiny") for s in (256, 512)]
+    assert all(r["status"] == "ok" and r["params_m"] > 0 and r["gflops"] > 0 and r["s_per_mpx"] > 0 for r in rows)
+    assert (tmp_path / "backbones.png").stat().st_size > 10_000
+    assert "| ssm_tiny |" in (tmp_path / "backbones.md").read_text()
+
+
+def test_backbone_bench_reports_memory_cap(tmp_path) -> None:
+    """A model over the address-space cap is reported as out of memory, and larger tiles are not tried."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench/backbones.py"), "--names", "vit_b_global", "--sizes",
+                        "2048,4096", "--mem-cap-gb", "6", "--threads", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "backbones.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["status"].startswith("out of memory"), rows
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared/data/nwpu_vhr10").is_dir(), reason="../shared/data not present")
+def test_end_to_end_bench_quick(tmp_path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench/end_to_end.py"), "--quick", "--threads", "1", "--out",
+                        str(tmp_path), "--data", str(tmp_path / "data"), "--baseline", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "end_to_end.json").read_text())
+    assert [e["role"] for e in rec["e2e"]] == ["default model", "baseline (untrained weights)"]
+    assert all(e["rc"] == 0 and e["mpx_per_s"] > 0 and e["peak_rss_mb"] > 100 for e in rec["e2e"] + rec["stream"])
+    assert [s["side"] for s in rec["stream"]] == [256, 512]
+    assert rec["machine"]["matmul_gflops"] > 0 and rec["machine"]["read"]["warm_mbps"] > 0
