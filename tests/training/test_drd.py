@@ -140,3 +140,25 @@ def test_drd_as_extra_loss_of_supervised_training(tmp_path, make_card) -> None:
     assert any(k.startswith("extra.drd.proj.") for k in resume)
     loaded, _ = load_model(out2)  # no DRD tensors in the model file (load_model is strict)
     assert not any("drd" in k for k in loaded.state_dict())
+
+
+def test_cli_train_with_drd_teacher_on_sar(tmp_path, ssdd_subset) -> None:
+    """rs-train train --drd-teacher: an RGB teacher on 1-band SAR chips (the band is repeated for it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from rs_engine.checkpoint import read_card
+
+    ssdd = Path(__file__).resolve().parents[3] / "shared" / "data" / "ssdd"
+    if not ssdd.is_dir():
+        pytest.skip("../shared/data (SSDD) not present")
+    out = tmp_path / "m.safetensors"
+    r = subprocess.run([sys.executable, "-m", "training.cli", "train", "--coco", str(ssdd_subset(2)), "--images",
+                        str(ssdd / "images"), "--bands", "1", "--chip-size", "64", "--batch-size", "1", "--epochs", "1",
+                        "--warmup-steps", "1", "--workers", "0", "--drd-teacher", "efficientnet_lite0",
+                        "--drd-weight", "0.5", "--progress", "none", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_card(out).provenance["drd"] == {"teacher": "efficientnet_lite0", "weight": 0.5}
