@@ -1,0 +1,83 @@
+"""Where one tile's time goes: torch.profiler over the whole Mask R-CNN forward of a model on a real 512 px tile.
+
+Usage::
+
+    .venv/bin/python bench/profile_tile.py [--model nwpu10] [--threads 1] [--out bench/results]
+
+Reads the first 512 x 512 window of an NWPU VHR-10 mosaic (:func:`bench.common.nwpu_mosaic`), normalises it with
+the model card, keeps detections over the card's score threshold as ``rs-engine segment`` does, runs one
+warm-up forward pass, then profiles three. Writes ``profile_<model>.txt``: time by
+stage (backbone body, FPN, RPN, RoI heads) from ``record_function`` ranges, and the top operators by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, nwpu_mosaic  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="nwpu10")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--data", type=Path, default=ROOT / "out" / "bench")
+    args = ap.parse_args()
+    import numpy as np
+    import rasterio
+    import torch
+    from rasterio.windows import Window
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from rs_engine.checkpoint import load_model
+
+    torch.set_num_threads(args.threads)
+    model, card = load_model(args.model)
+    model.eval()
+    model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, card.score_threshold)  # as rs-engine segment
+    with rasterio.open(nwpu_mosaic(args.data / "nwpu_mosaic_1024.tif", 1024)) as ds:
+        a = ds.read(list(range(1, card.bands + 1)), window=Window(0, 0, 512, 512)).astype(np.float32)
+    x = (torch.from_numpy(a) - torch.tensor(card.mean)[:, None, None]) / torch.tensor(card.std)[:, None, None]
+
+    stages = {"backbone body": model.backbone.body, "FPN": model.backbone.fpn, "RPN": model.rpn,
+              "RoI heads (box + mask)": model.roi_heads}
+    for name, mod in stages.items():
+        def pre(m, inp, name=name):  # noqa: ANN001, ANN202
+            m._rf = record_function(name)
+            m._rf.__enter__()
+
+        def post(m, inp, out):  # noqa: ANN001, ANN202
+            m._rf.__exit__(None, None, None)
+
+        mod.register_forward_pre_hook(pre)
+        mod.register_forward_hook(post)
+    with torch.inference_mode():
+        model([x])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                with record_function("whole forward"):
+                    out = model([x])
+    events = prof.key_averages()
+    total = next(e for e in events if e.key == "whole forward").cpu_time_total
+    lines = [f"model {args.model} ({card.architecture.get('backbone')}), 512 px tile, {args.threads} threads, "
+             f"{len(out[0]['scores'])} detections; mean of 3 forward passes", "", "| stage | ms per tile | share |",
+             "|---|---|---|"]
+    for name in [*stages, "whole forward"]:
+        e = next((e for e in events if e.key == name), None)
+        if e is not None:
+            lines.append(f"| {name} | {e.cpu_time_total / 3 / 1e3:.0f} | {100 * e.cpu_time_total / total:.0f}% |")
+    lines += ["", "Top operators by self CPU time:", "```",
+              events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40), "```"]
+    text = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"profile_{Path(args.model).stem}.txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
