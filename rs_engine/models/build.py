@@ -117,7 +117,9 @@ def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) ->
     Uses ``torch.utils.flop_counter`` for matrix products and convolutions (including the DCT matrix products of
     heat backbones; their elementwise decay products, one multiply per cell and channel, are left out), plus the
     analytic cost of the selective scans (9 * L * D * N, as mamba-ssm counts them), which run as elementwise ops
-    the counter does not see. A multiply-add counts as 2 FLOPs.
+    the counter does not see. A multiply-add counts as 2 FLOPs. A heat backbone in eval mode is counted with its
+    decay maps precomputed (its inference cost: the k t projections of the frequency embeddings are not repeated
+    per tile); in training mode they are counted.
 
     Returns:
         ``{"backbone_gflops": ..., "scan_gflops": ..., "params_m": ...}`` (params in millions).
@@ -126,6 +128,9 @@ def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) ->
 
     net = model.backbone.body if isinstance(model, MaskRCNN) else model
     x = torch.zeros(1, in_channels, size, size)
+    for m in net.modules():
+        if isinstance(m, HeatBackbone) and not m.training:
+            m.precompute(size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(x)
     scan = 0
