@@ -124,6 +124,37 @@ def child(name: str, size: int, repeats: int, flops: bool) -> None:
     print(json.dumps(rec), flush=True)
 
 
+def linearity(name: str, rounds: int, small: int = 256, large: int = 2048) -> None:
+    """Time per pixel at ``large`` over that at ``small``, measured interleaved in one process: each round times
+    ``(large / small)^2`` tiles of ``small`` px then one tile of ``large`` px, so both see the same machine load.
+    Prints one JSON line with the per-round figures and the ratio of medians and of minima."""
+    import torch
+
+    ext, _, _ = build(name, small)
+    if name == "vit_b_global":
+        raise SystemExit("the ViT-B's position embedding is per size: not measured interleaved")
+    ext.eval()
+    xs, xl = torch.randn(1, 3, small, small), torch.randn(1, 3, large, large)
+    n = (large // small) ** 2
+    per_small, per_large = [], []
+    with torch.inference_mode():
+        ext(xs)
+        ext(xl)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(n):
+                ext(xs)
+            per_small.append((time.perf_counter() - t) / (n * small * small / 1e6))
+            t = time.perf_counter()
+            ext(xl)
+            per_large.append((time.perf_counter() - t) / (large * large / 1e6))
+    print(json.dumps({"backbone": name, "small": small, "large": large, "rounds": rounds,
+                      "s_per_mpx_small": [round(v, 4) for v in per_small],
+                      "s_per_mpx_large": [round(v, 4) for v in per_large],
+                      "ratio_median": round(statistics.median(per_large) / statistics.median(per_small), 3),
+                      "ratio_min": round(min(per_large) / min(per_small), 3)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="256 and 512 px, one repeat: a smoke test")
@@ -133,17 +164,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per (model, size) before giving up")
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap of each measured process")
+    ap.add_argument("--linear-names", default="ssm_tiny,ssm_small,heat_tiny,resnet50",
+                    help="backbones whose time per pixel at 2048 vs 256 px is also measured interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved measurement")
     ap.add_argument("--child", nargs=4, metavar=("NAME", "SIZE", "REPEATS", "FLOPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--linear-child", metavar="NAME", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.linear_child:
+        linearity(args.linear_child, args.rounds)
+        return
     if args.child:
         name, size, repeats, flops = args.child
         child(name, int(size), int(repeats), flops == "1")
         return
-    sizes = [256, 512] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [256, 512] if args.quick else [int(s) for s in args.sizes.split(",") if s]
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     info = machine()
     if args.threads:
@@ -172,8 +210,26 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
             if rec["status"] != "ok":
                 break  # larger tiles of the same model will not fare better
-    table = _table(rows, sizes, info)
-    record = {"machine": info, "rows": rows}
+    linear = []
+    for name in [] if args.quick else [n for n in args.linear_names.split(",") if n]:
+        cmd = [sys.executable, __file__, "--linear-child", name, "--rounds", str(args.rounds)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        r = run_measured(cmd, args.timeout * 3, env=env, mem_cap_gb=args.mem_cap_gb)
+        rec = last_json(r["stdout"]) if r["rc"] == 0 else {"backbone": name, "status": "failed"}
+        linear.append(rec)
+        print(json.dumps(rec), flush=True)
+    table = _table(rows, sizes, info) if rows else ""
+    if linear:
+        table += ("\n\n| backbone | s/Mpx 256 (median) | s/Mpx 2048 (median) | ratio of medians | ratio of minima |\n"
+                  "|---|---|---|---|---|\n")
+        for r in linear:
+            if "ratio_median" in r:
+                table += (f"| {LABELS.get(r['backbone'], r['backbone'])} | {statistics.median(r['s_per_mpx_small'])} | "
+                          f"{statistics.median(r['s_per_mpx_large'])} | {r['ratio_median']}x | {r['ratio_min']}x |\n")
+        table += (f"\nInterleaved in one process ({args.rounds} rounds of 64 tiles of 256 px, then one of 2048 px), so "
+                  "both sizes see the same machine load: the linearity figure.")
+    record = {"machine": info, "rows": rows, "linearity": linear}
     write_outputs(args.out, "backbones", record, table)
     _plot(rows, args.out / "backbones.png", info)
 
