@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -97,16 +95,25 @@ def test_loss_falls_on_real_sar_chips() -> None:
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
-def test_cli_pretrain_then_init_backbone(tmp_path: Path, ssdd_subset) -> None:
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``rs-train ARGS`` in this process (the CLI's own code path, without paying a new interpreter's imports)."""
+    from training.cli import main
+
+    capsys.readouterr()
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_pretrain_then_init_backbone(tmp_path: Path, ssdd_subset, capsys) -> None:
     _need_ssdd()
     files = [str(f) for f in sorted((SSDD / "images" / "train").glob("*.jpg"))[:8]]
     out = tmp_path / "heat.safetensors"
-    cmd = [sys.executable, "-m", "training.cli", "pretrain", "--method", "freq-mask", "--images", *files,
-           "--backbone", "heat_tiny", "--bands", "1", "--chip-size", "64", "--epochs", "2", "--batch-size", "4",
-           "--workers", "0", "--out", str(out), "--progress", "jsonl"]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
-    events = [json.loads(line) for line in r.stdout.splitlines()]
+    rc, stdout, stderr = _cli(capsys, "pretrain", "--method", "freq-mask", "--images", *files, "--backbone",
+                              "heat_tiny", "--bands", "1", "--chip-size", "64", "--epochs", "2", "--batch-size", "4",
+                              "--workers", "0", "--out", str(out), "--progress", "jsonl")
+    assert rc == 0, stderr
+    events = [json.loads(line) for line in stdout.splitlines()]
     assert events[-1]["event"] == "done" and events[-1]["metrics"]["steps"] == 4
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
     rows = list(csv.DictReader(open(out.with_suffix(".log.csv"))))
@@ -114,16 +121,13 @@ def test_cli_pretrain_then_init_backbone(tmp_path: Path, ssdd_subset) -> None:
     state, card = load_backbone(out)
     assert card["backbone"] == "heat_tiny" and card["method"] == "freq-mask" and card["in_channels"] == 1
     assert "fves.0" in state and state["patch_embed.0.weight"].shape[-1] == 7  # the SAR stem
-    # re-running the finished command resumes and does nothing more
-    r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r2.returncode == 0 and json.loads(r2.stdout.splitlines()[-1])["metrics"]["steps"] == 4
 
     model = tmp_path / "m.safetensors"
-    r = subprocess.run([sys.executable, "-m", "training.cli", "train", "--coco", str(ssdd_subset(2)), "--images",
-                        str(SSDD / "images"), "--bands", "1", "--chip-size", "64", "--epochs", "1", "--batch-size",
-                        "1", "--workers", "0", "--model-config", "heat_tiny", "--init-backbone", str(out), "--out",
-                        str(model), "--progress", "none"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr
+    rc, _, stderr = _cli(capsys, "train", "--coco", str(ssdd_subset(2)), "--images", str(SSDD / "images"), "--bands",
+                         "1", "--chip-size", "64", "--epochs", "1", "--batch-size", "1", "--workers", "0",
+                         "--model-config", "heat_tiny", "--init-backbone", str(out), "--out", str(model),
+                         "--progress", "none")
+    assert rc == 0, stderr
     from rs_engine.checkpoint import load_state
 
     weights, mcard = load_state(model)
@@ -132,11 +136,10 @@ def test_cli_pretrain_then_init_backbone(tmp_path: Path, ssdd_subset) -> None:
     assert weights["backbone.body.fves.0"].shape == state["fves.0"].shape
 
 
-def test_cli_pretrain_bad_input(tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "training.cli", "pretrain", "--out", str(tmp_path / "b.safetensors")]
-    r = subprocess.run([*base, "--images", str(tmp_path / "nowhere"), "--backbone", "heat_tiny"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([*base, "--images", str(tmp_path), "--backbone", "heat_huge"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 2 and "heat_huge" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_cli_pretrain_bad_input(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "b.safetensors"
+    rc, _, err = _cli(capsys, "pretrain", "--out", str(out), "--images", str(tmp_path / "nowhere"))
+    assert rc == 2 and "nowhere" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _cli(capsys, "pretrain", "--out", str(out), "--images", str(tmp_path), "--backbone", "heat_huge")
+    assert rc == 2 and "heat_huge" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
