@@ -128,8 +128,6 @@ def test_sam_teacher_loads_checkpoint_and_rejects_wrong_keys(tmp_path) -> None:
     msg = str(err.value)
     assert "\n" not in msg and "bad.pth" in msg
     assert "1 missing keys (e.g. neck.0.weight)" in msg and "1 unexpected keys (e.g. blocks.0.attn.extra)" in msg
-    with pytest.raises(InputError, match="missing"):  # another variant's checkpoint
-        SamTeacher("vit_l", good)
     with pytest.raises(InputError, match="not found"):
         build_teacher(f"sam_vit_b:{tmp_path / 'none.pth'}")
 
