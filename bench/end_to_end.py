@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,10 +102,11 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
     with rasterio.open(raster) as ds:
         mpx, side = ds.width * ds.height / 1e6, ds.width
     gpkg = out_dir / f"{Path(model).stem}_{raster.stem}.gpkg"
+    load = round(os.getloadavg()[0], 2)
     r = run_measured(segment_cmd(raster, model, gpkg, tile, overlap, batch), timeout, env=env)
     done = last_json(r["stdout"]) or {}
     rec = {"raster": raster.name, "side": side, "mpx": round(mpx, 2), "model": Path(model).stem,
-           "seconds": round(r["seconds"], 1), "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"]}
+           "loadavg_1min": load, "seconds": round(r["seconds"], 1), "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"]}
     if r["rc"] == 0:
         rec["mpx_per_s"] = round(mpx / r["seconds"], 4)
         rec["objects"] = done.get("features")
@@ -178,10 +180,11 @@ def _table(rec: dict) -> str:
     info = rec["machine"]
     lines = []
     if rec["e2e"]:
-        lines += ["| model | role | raster | Mpx/s | seconds | peak RSS (MB) | objects |", "|" + "---|" * 7]
+        lines += ["| model | role | raster | Mpx/s | seconds | peak RSS (MB) | objects | load avg. |", "|" + "---|" * 8]
         for r in rec["e2e"]:
             lines.append(f"| {r['model']} | {r['role']} | {r['raster']} ({r['mpx']} Mpx) | {r.get('mpx_per_s', '-')} | "
-                         f"{r['seconds']} | {r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} |")
+                         f"{r['seconds']} | {r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} | "
+                         f"{r.get('loadavg_1min', '-')} |")
         ok = [r for r in rec["e2e"] if "mpx_per_s" in r]
         if len(ok) == 2:
             lines.append(f"\nSpeed-up of {ok[0]['model']} over {ok[1]['model']}: "
