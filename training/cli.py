@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-coco", type=Path, help="COCO JSON of the validation split (mask AP picks the best)")
     t.add_argument("--val-images", type=Path, help="folder of the validation images (default: --images)")
     t.add_argument("--val-max-images", type=int, help="evaluate on the first N validation images only")
-    t.add_argument("--model-config", default="ssm_tiny", help="backbone name (ssm_tiny, ssm_small, resnet50...)")
+    t.add_argument("--model-config", default="ssm_tiny", help="backbone name (ssm_tiny, heat_tiny, resnet50...)")
     t.add_argument("--init", help="initialise from this model (name or file); layers that differ stay new")
     t.add_argument("--out", required=True, type=Path, help="output model file (.safetensors)")
     t.add_argument("--name", help="model name in the card (default: output file stem)")
