@@ -130,34 +130,36 @@ def segment(
     score_threshold = options.score_threshold if options.score_threshold is not None else card.score_threshold
     _check_tiling(tile_size, overlap, score_threshold)
 
-    sources: list[RasterSource] = []
-    try:
-        sources = _open_sources(inputs, card, options)
-        _check_output(output, options.overwrite, [s.path for s in sources])
-        for source in sources:
-            source.check_has_data()
-        plans = [s.plan(tile_size, overlap) for s in sources]
-        if predictor is None:
-            predictor, card = load_model(options.model, _resolve_device(options.device))
-            # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each detection
-            # (200 x T x T floats per tile otherwise).
-            predictor.roi_heads.score_thresh = max(predictor.roi_heads.score_thresh, score_threshold)
-        run = _Run(
-            sources=sources,
-            plans=plans,
-            predictor=predictor,
-            card=card,
-            options=options,
-            score_threshold=score_threshold,
-            run_id=options.run_id or uuid.uuid4().hex,
-            progress=progress,
-            cancel=cancel,
-        )
-        with rasterio.Env():  # one GDAL environment for the run, not one per read or vectorisation
+    # One GDAL environment for the whole run, its block cache bounded: the decimated nodata check and the tile
+    # reads would otherwise fill GDAL's default cache (5% of RAM) and peak memory would grow with the raster.
+    with rasterio.Env(**_gdal_options()):
+        sources: list[RasterSource] = []
+        try:
+            sources = _open_sources(inputs, card, options)
+            _check_output(output, options.overwrite, [s.path for s in sources])
+            for source in sources:
+                source.check_has_data()
+            plans = [s.plan(tile_size, overlap) for s in sources]
+            if predictor is None:
+                predictor, card = load_model(options.model, _resolve_device(options.device))
+                # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each detection
+                # (200 x T x T floats per tile otherwise).
+                predictor.roi_heads.score_thresh = max(predictor.roi_heads.score_thresh, score_threshold)
+            run = _Run(
+                sources=sources,
+                plans=plans,
+                predictor=predictor,
+                card=card,
+                options=options,
+                score_threshold=score_threshold,
+                run_id=options.run_id or uuid.uuid4().hex,
+                progress=progress,
+                cancel=cancel,
+            )
             features, skipped = run.write(output)
-    finally:
-        for source in sources:
-            source.close()
+        finally:
+            for source in sources:
+                source.close()
     seconds = time.perf_counter() - start
     total = sum(len(p) for p in plans)
     log.info("wrote %d objects from %d tiles to %s in %.1f s", features, total, output, seconds)
@@ -165,6 +167,16 @@ def segment(
 
 
 # ------------------------------------------------------------------------------------------------ checks
+
+
+#: GDAL block cache of a run in MB, unless the user sets GDAL_CACHEMAX. It holds a row of 512 px tiles of a 4-band
+#: uint16 raster 65536 px wide, so overlaps are read once; a wider row only re-reads overlaps (time, not memory).
+#: GDAL's default, 5% of RAM, made peak memory grow with the raster.
+GDAL_CACHE_MB = 256
+
+
+def _gdal_options() -> dict[str, Any]:
+    return {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB}
 
 
 def _check_options(options: SegmentOptions) -> None:
