@@ -103,21 +103,23 @@ def child(name: str, size: int, repeats: int, flops: bool) -> None:
            "params_m": round(sum(p.numel() for p in body.parameters()) / 1e6, 2)}
     rss_built = psutil.Process().memory_info().rss / 2**20
     x = torch.randn(1, 3, size, size)
+    from bench.common import peak_rss_mb
+
     with torch.inference_mode():
         t = time.perf_counter()
         ext(x)  # warm-up (allocator, caches of bases and decay maps)
         warm = time.perf_counter() - t
-        times = [warm] if repeats == 0 else []
+        # Slow models get fewer repeats, so that every (model, size) fits the time limit.
+        repeats = min(repeats, max(1, int(60 / max(warm, 1e-3))))
+        times = []
         for _ in range(repeats):
             t = time.perf_counter()
             ext(x)
             times.append(time.perf_counter() - t)
     seconds = statistics.median(times)
-    from bench.common import peak_rss_mb
-
     rec.update(seconds=round(seconds, 4), s_per_mpx=round(seconds / (size * size / 1e6), 4),
                peak_rss_mb=round(peak_rss_mb(), 1), activations_mb=round(peak_rss_mb() - rss_built, 1),
-               repeats=max(repeats, 1))
+               repeats=repeats)
     if flops:
         rec["gflops"] = round(body_flops(body, size), 2)
         rec["gflops_per_s"] = round(rec["gflops"] / seconds, 1)  # body FLOPs over extractor time: a lower bound
@@ -162,7 +164,8 @@ def main() -> None:
     ap.add_argument("--names", default=DEFAULT_NAMES)
     ap.add_argument("--sizes", default="256,512,1024,2048")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per (model, size) before giving up")
+    ap.add_argument("--merge", type=Path, help="a previous backbones.json: its rows are kept unless re-measured")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per (model, size) before giving up")
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap of each measured process")
     ap.add_argument("--linear-names", default="ssm_tiny,ssm_small,heat_tiny,resnet50",
                     help="backbones whose time per pixel at 2048 vs 256 px is also measured interleaved")
@@ -219,6 +222,13 @@ def main() -> None:
         rec = last_json(r["stdout"]) if r["rc"] == 0 else {"backbone": name, "status": "failed"}
         linear.append(rec)
         print(json.dumps(rec), flush=True)
+    if args.merge:
+        old = json.loads(args.merge.read_text())
+        new = {(r["backbone"], r["size"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["backbone"], r["size"]) not in new] + rows
+        sizes = sorted({r["size"] for r in rows})
+        linear = linear or old.get("linearity", [])
+        info["merged_from"] = {k: v for k, v in old["machine"].items() if k != "merged_from"}
     table = _table(rows, sizes, info) if rows else ""
     if linear:
         table += ("\n\n| backbone | s/Mpx 256 (median) | s/Mpx 2048 (median) | ratio of medians | ratio of minima |\n"
