@@ -192,7 +192,7 @@ def main() -> None:
     info["matmul_gflops"] = round(matmul_gflops(), 1)
     print(json.dumps(info), flush=True)
     rows = []
-    for name in args.names.split(","):
+    for name in [n for n in args.names.split(",") if n]:
         for size in sizes:
             repeats = 1 if args.quick else {256: 7, 512: 5, 1024: 3}.get(size, 1)
             cmd = [sys.executable, __file__, "--child", name, str(size), str(repeats),
@@ -209,6 +209,7 @@ def main() -> None:
                 rec = {"backbone": name, "size": size, "status": status, "peak_rss_mb": r["peak_rss_mb"]}
             else:
                 rec["status"] = "ok"
+            rec["matmul_gflops"] = info["matmul_gflops"]  # the ceiling of this run, for merged tables
             rows.append(rec)
             print(json.dumps(rec), flush=True)
             if rec["status"] != "ok":
@@ -225,10 +226,15 @@ def main() -> None:
     if args.merge:
         old = json.loads(args.merge.read_text())
         new = {(r["backbone"], r["size"]) for r in rows}
+        for r in old["rows"]:
+            r.setdefault("matmul_gflops", old["machine"]["matmul_gflops"])
         rows = [r for r in old["rows"] if (r["backbone"], r["size"]) not in new] + rows
         sizes = sorted({r["size"] for r in rows})
         linear = linear or old.get("linearity", [])
-        info["merged_from"] = {k: v for k, v in old["machine"].items() if k != "merged_from"}
+        if not new and not args.linear_names:  # nothing measured: the previous run's conditions stand
+            info = old["machine"]
+        else:
+            info["merged_from"] = {k: v for k, v in old["machine"].items() if k != "merged_from"}
     table = _table(rows, sizes, info) if rows else ""
     if linear:
         table += ("\n\n| backbone | s/Mpx 256 (median) | s/Mpx 2048 (median) | ratio of medians | ratio of minima |\n"
@@ -256,8 +262,10 @@ def _table(rows: list[dict], sizes: list[int], info: dict) -> str:
     lines = [head, "|" + "---|" * (5 + 2 * len(sizes))]
     for n in names:
         cells = [LABELS.get(n, n)]
-        params = next((r.get("params_m") for r in rows if r["backbone"] == n and "params_m" in r), None)
         r1024 = _get(rows, n, 1024) or _get(rows, n, sizes[-1]) or {}
+        # The ViT's parameter count depends on the size (position tables): the 1024 px figure where there is one.
+        params = r1024.get("params_m") or next((r["params_m"] for r in rows if r["backbone"] == n and "params_m" in r),
+                                               None)
         cells += [str(params), str(r1024.get("gflops", "-"))]
         for s in sizes:
             r = _get(rows, n, s)
@@ -270,13 +278,16 @@ def _table(rows: list[dict], sizes: list[int], info: dict) -> str:
             r = _get(rows, n, s)
             cells.append("-" if r is None else str(r.get("activations_mb", r.get("status"))))
         frac = r1024.get("gflops_per_s")
-        cells.append(f"{100 * frac / info['matmul_gflops']:.0f}%" if frac else "-")
+        peak = r1024.get("matmul_gflops", info["matmul_gflops"])
+        cells.append(f"{100 * frac / peak:.0f}%" if frac else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nCPU: {info['cpu']}, {info['threads']} threads, fp32 matmul peak {info['matmul_gflops']} GFLOP/s "
-                 f"(measured in this run); load average at start {info['loadavg_1min']}. s/Mpx: seconds per megapixel "
-                 "of one forward pass of body + neck at that tile size (batch 1). Growth: s/Mpx at the largest tile "
-                 "over the smallest (1.0 = linear cost in pixels). act. MB: peak RSS minus RSS after building the "
-                 "model. % of matmul peak: body GFLOPs / extractor time / matmul peak.")
+    peaks = sorted({r.get("matmul_gflops", info["matmul_gflops"]) for r in rows})
+    lines.append(
+        f"\nCPU: {info['cpu']}, {info['threads']} threads, fp32 matmul peak {' / '.join(map(str, peaks))} GFLOP/s "
+        f"(measured in the run of each row); load average at start {info['loadavg_1min']}. s/Mpx: seconds per "
+        "megapixel of one forward pass of body + neck at that tile size (batch 1). Growth: s/Mpx at the largest "
+        "tile over the smallest (1.0 = linear cost in pixels). act. MB: peak RSS minus RSS after building the "
+        "model. % of matmul peak: body GFLOPs / extractor time / matmul peak.")
     return "\n".join(lines)
 
 
