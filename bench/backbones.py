@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per (model, size) before giving up")
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space cap of each measured process")
     ap.add_argument("--linear-names", default="ssm_tiny,ssm_small,heat_tiny,resnet50",
-                    help="backbones whose time per pixel at 2048 vs 256 px is also measured interleaved")
+                    help="those of --names whose time per pixel at 2048 vs 256 px is also measured interleaved")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the interleaved measurement")
     ap.add_argument("--child", nargs=4, metavar=("NAME", "SIZE", "REPEATS", "FLOPS"), help=argparse.SUPPRESS)
     ap.add_argument("--linear-child", metavar="NAME", help=argparse.SUPPRESS)
@@ -215,7 +215,8 @@ def main() -> None:
             if rec["status"] != "ok":
                 break  # larger tiles of the same model will not fare better
     linear = []
-    for name in [] if args.quick else [n for n in args.linear_names.split(",") if n]:
+    measured = {n for n in args.names.split(",") if n}
+    for name in [] if args.quick else [n for n in args.linear_names.split(",") if n and n in measured]:
         cmd = [sys.executable, __file__, "--linear-child", name, "--rounds", str(args.rounds)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
