@@ -29,6 +29,7 @@ def _finetune_args(out: Path, epochs: int = 6) -> list[object]:
             "--warmup-steps", "2", "--lr", "3e-4", "--workers", "0", "--val-fraction", "0.2"]
 
 
+@pytest.mark.timeout(1500)  # fine-tune, segment and evaluate: over 600 s on a loaded 2-core machine
 def test_finetune_lowers_loss_and_segments(tmp_path) -> None:
     from rs_engine.checkpoint import read_card
 
