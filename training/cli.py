@@ -247,6 +247,8 @@ def _device(name: str) -> str:
 
 
 def _train_config(args: argparse.Namespace):  # noqa: ANN202
+    """The optimisation settings of any training command; freezing and early stopping only where it has them
+    (``train``, ``finetune``; not the label-free ``pretrain`` and ``distill``)."""
     from training.train import TrainConfig
 
     for name in ("epochs", "batch_size"):
@@ -254,8 +256,9 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                        max_minutes=args.max_minutes, checkpoint_minutes=args.checkpoint_minutes,
-                       num_workers=args.workers, freeze_backbone=args.freeze_backbone,
-                       freeze_stages=args.freeze_stages, patience=args.patience, seed=args.seed)
+                       num_workers=args.workers, freeze_backbone=getattr(args, "freeze_backbone", False),
+                       freeze_stages=getattr(args, "freeze_stages", 0), patience=getattr(args, "patience", None),
+                       seed=args.seed)
 
 
 def _command() -> str:
@@ -439,19 +442,13 @@ def _pretrain(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     from rs_engine.models import BACKBONES, ModelConfig, build_backbone
     from training.freqmask import FreqMaskObjective
     from training.pretrain import UnlabelledChips, run_pretraining, save_backbone, train_config_dict
-    from training.train import TrainConfig
 
     if args.backbone not in BACKBONES:
         raise InputError(f"--backbone {args.backbone}: unknown (known: {', '.join(BACKBONES)})")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    cfg = _train_config(args)
     device = _device(args.device)
     data = UnlabelledChips(args.images, size=args.chip_size, bands=args.bands,
                            chips_per_image=args.chips_per_image, seed=args.seed)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      max_minutes=args.max_minutes, checkpoint_minutes=args.checkpoint_minutes,
-                      num_workers=args.workers, seed=args.seed)
     torch.manual_seed(args.seed)
     body = build_backbone(ModelConfig(backbone=args.backbone, in_channels=len(args.bands), tile_size=args.chip_size))
     # Each DDP rank draws its own masks; the weights start equal (same seed) and DDP keeps them so.
@@ -479,13 +476,10 @@ def _distill(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     from training.distill.objective import DistillObjective, cache_key
     from training.distill.teachers import build_teacher
     from training.pretrain import UnlabelledChips, run_pretraining, save_backbone, train_config_dict
-    from training.train import TrainConfig
 
     if args.student_config not in BACKBONES:
         raise InputError(f"--student-config {args.student_config}: unknown (known: {', '.join(BACKBONES)})")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    cfg = _train_config(args)
     if args.drd_weight < 0:
         raise InputError("--drd-weight must be >= 0")
     if not args.out.parent.is_dir():
@@ -497,9 +491,6 @@ def _distill(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     data = UnlabelledChips(args.images, size=args.chip_size, bands=args.bands,
                            chips_per_image=args.chips_per_image, seed=args.seed)
     teacher = build_teacher(args.teacher)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-                      max_minutes=args.max_minutes, checkpoint_minutes=args.checkpoint_minutes,
-                      num_workers=args.workers, seed=args.seed)
     torch.manual_seed(args.seed)  # equal initial weights on every DDP rank
     body = build_backbone(ModelConfig(backbone=args.student_config, in_channels=len(args.bands),
                                       tile_size=args.chip_size))
