@@ -50,17 +50,27 @@ def test_adaptive_rule_responds_as_documented() -> None:
     sigma, rho = p.levels(idx)
     assert sigma.tolist() == pytest.approx([0.2] * 4) and rho.tolist() == pytest.approx([0.2] * 4)
     p.update(torch.tensor([0, 1, 2]), torch.tensor([2.0, 0.5, 0.5]))
-    assert float(p.running) == pytest.approx(1.0)  # first batch: ebar = mean = 1
+    assert float(p.running) == pytest.approx(1.0)  # first batch: ebar = e_0 = mean = 1
+    assert float(p.initial) == pytest.approx(1.0)
     sigma, rho = p.levels(idx)
-    # r = (2, 0.5, 0.5, unseen -> 1): sigma = 0.2 / r = (0.1, 0.4, 0.4, 0.2); rho likewise.
+    # g = 1; r = (2, 0.5, 0.5, unseen -> 1): sigma = 0.2 / r = (0.1, 0.4, 0.4, 0.2); rho likewise.
     assert sigma.tolist() == pytest.approx([0.1, 0.4, 0.4, 0.2])
     assert rho.tolist() == pytest.approx([0.1, 0.4, 0.4, 0.2])
     # Higher error -> less noise and masking; very low error is capped at the maxima.
     p.update(torch.tensor([3]), torch.tensor([0.05]))
     assert float(p.running) == pytest.approx(0.5 * 1.0 + 0.5 * 0.05)  # ebar <- beta ebar + (1 - beta) mean
-    sigma, rho = p.levels(torch.tensor([3, 0]))
-    assert sigma.tolist() == pytest.approx([0.6, 0.2 * 0.525 / 2.0])
+    assert float(p.initial) == pytest.approx(1.0)  # e_0 stays the first batch's error
+    sigma, rho = p.levels(torch.tensor([3, 0, 1, 2]))
+    g = 1.0 / 0.525  # the student's error fell to 0.525 of e_0: everything gets harder by 1 / 0.525
+    # chip 3: r = 0.05 / 0.525 -> capped; chip 0: 0.2 * g * 0.525 / 2; chips 1 and 2 use their own errors.
+    assert sigma.tolist() == pytest.approx([0.6, 0.2 * g * 0.525 / 2.0, 0.2 * g * 0.525 / 0.5, 0.2 * g * 0.525 / 0.5])
     assert rho[0] == pytest.approx(0.6)
+    # A chip never seen gets the global factor alone: the rule acts in a single pass over the data.
+    p.errors[2] = float("nan")
+    assert float(p.levels(torch.tensor([2]))[0][0]) == pytest.approx(0.2 * g)
+    # gamma_global = 0 switches the progress factor off: an unseen chip is back at sigma_0.
+    p.cfg = PerturbConfig(mode="adaptive", gamma_global=0.0)
+    assert float(p.levels(torch.tensor([2]))[0][0]) == pytest.approx(0.2)
     # Fixed and none ignore the errors.
     p.cfg = PerturbConfig(mode="fixed")
     assert p.levels(idx)[0].tolist() == pytest.approx([0.2] * 4)

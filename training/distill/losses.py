@@ -77,7 +77,8 @@ class PerturbConfig:
         sigma: base noise standard deviation sigma_0.
         mask_ratio: base mask ratio rho_0 (RS4D's settings are named like 20/20: 0.2 and 0.2).
         sigma_max, mask_max: upper bounds of the adaptive values.
-        gamma: strength of the adaptive response (0 = fixed).
+        gamma: strength of the per-chip response (0 = none).
+        gamma_global: strength of the response to the student's progress (0 = none; both 0 = fixed).
         momentum: EMA momentum beta of the running mean error.
         patch: side of a masked patch in pixels (32: one cell of the student's coarsest level).
     """
@@ -88,6 +89,7 @@ class PerturbConfig:
     sigma_max: float = 0.6
     mask_max: float = 0.6
     gamma: float = 1.0
+    gamma_global: float = 1.0
     momentum: float = 0.98
     patch: int = 32
 
@@ -102,29 +104,32 @@ class PerturbConfig:
 class Perturbation(nn.Module):
     """Noise and patch masking of the student's input, fixed or adaptive per chip.
 
-    Adaptive rule (our design; RS4D names adaptive noise and masking but did not publish its rule). For chip i with
-    last recorded distillation error e_i (mean L1 over its projected features, :func:`feature_l1`) and the running
-    mean error ebar over all chips:
+    Adaptive rule (our design; RS4D names adaptive noise and masking but did not publish its rule). It has two
+    factors: a global one, the student's progress (its running mean error ebar against its first error e_0), and a
+    per-chip one (chip i's last recorded error e_i against ebar); errors are mean L1 over the projected features,
+    :func:`feature_l1`:
 
-        r_i      = e_i / ebar                       (r_i = 1 for a chip never seen yet)
-        sigma_i  = clip(sigma_0 * r_i^(-gamma), 0, sigma_max)
-        rho_i    = clip(rho_0   * r_i^(-gamma), 0, rho_max)
+        g        = (ebar / e_0)^(-gamma_g)              (progress: 1 at the start, 2 once the error halved, gamma_g = 1)
+        r_i      = e_i / ebar                           (r_i = 1 for a chip not seen yet)
+        sigma_i  = clip(sigma_0 * g * r_i^(-gamma), 0, sigma_max)
+        rho_i    = clip(rho_0   * g * r_i^(-gamma), 0, rho_max)
 
     and after each step, for every chip j in the batch (all ranks' chips under DDP, so all ranks agree):
 
         e_j  <- error of chip j at this step
-        ebar <- beta * ebar + (1 - beta) * mean_j(e_j)      (ebar starts at the first batch's mean)
+        ebar <- beta * ebar + (1 - beta) * mean_j(e_j)      (ebar and e_0 start at the first batch's mean)
 
-    So a chip the student already matches well (r_i < 1) is made harder, with more noise and more masked patches,
-    and a chip it still gets wrong (r_i > 1) is shown cleaner: higher error -> lower sigma_i and rho_i. Since the
-    error is measured on the perturbed input, the loop is a negative feedback: hardening an easy chip raises its next
-    error, which eases it again, so each chip settles where its error is near the running mean: the hardest chips
-    stay nearly clean, the easiest carry up to ``sigma_max`` noise and ``mask_max`` masking.
-    Chips are identified by their dataset index, which is stable because distillation chips are deterministic per
-    index (the teacher-feature cache relies on it too).
+    The global factor is a curriculum: as the student learns (ebar falls below e_0) every chip gets more noise and
+    masking, so it acts from the first pass over the data, where no chip has a history yet. The per-chip factor
+    acts from the second pass: a chip the student already matches well (r_i < 1) is made harder, and a chip it
+    still gets wrong (r_i > 1) is shown cleaner. Since errors are measured on the perturbed input, both loops are
+    negative feedbacks: hardening raises the next error, which eases the perturbation again, so the level tracks
+    what the student can currently take instead of a schedule fixed in advance; the caps keep at least
+    1 - rho_max of every chip visible. Chips are identified by their dataset index, which is stable because
+    distillation chips are deterministic per index (the teacher-feature cache relies on it too).
 
-    Buffers ``errors`` (N,) (NaN = unseen) and ``running`` (scalar, NaN = unset) are part of the objective's state,
-    so a resumed run continues the same curriculum.
+    Buffers ``errors`` (N,) (NaN = unseen), ``running`` and ``initial`` (scalars, NaN = unset) are part of the
+    objective's state, so a resumed run continues the same curriculum.
     """
 
     def __init__(self, cfg: PerturbConfig, num_chips: int) -> None:
@@ -132,6 +137,7 @@ class Perturbation(nn.Module):
         self.cfg = cfg
         self.register_buffer("errors", torch.full((num_chips,), float("nan")))
         self.register_buffer("running", torch.tensor(float("nan")))
+        self.register_buffer("initial", torch.tensor(float("nan")))
 
     def levels(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """Noise sigma (B,) and mask ratio rho (B,) for the chips ``index`` (B,) int64."""
@@ -144,9 +150,13 @@ class Perturbation(nn.Module):
         rho = torch.full((b,), c.mask_ratio, device=index.device)
         if c.mode == "fixed" or torch.isnan(self.running):
             return sigma, rho
+        ebar = self.running.clamp_min(1e-12)
+        progress = torch.ones((), device=index.device)
+        if not torch.isnan(self.initial):  # (a state saved before the global factor existed has none)
+            progress = (ebar / self.initial.clamp_min(1e-12)).clamp_min(1e-6).pow(-c.gamma_global).to(index.device)
         e = self.errors[index.to(self.errors.device)].to(index.device)
-        r = torch.where(torch.isnan(e), torch.ones_like(e), e / self.running.clamp_min(1e-12))
-        scale = r.clamp_min(1e-6).pow(-c.gamma)
+        r = torch.where(torch.isnan(e), torch.ones_like(e), e / ebar.to(index.device))
+        scale = progress * r.clamp_min(1e-6).pow(-c.gamma)
         return (sigma * scale).clamp(0, c.sigma_max), (rho * scale).clamp(0, c.mask_max)
 
     @torch.no_grad()
@@ -164,6 +174,7 @@ class Perturbation(nn.Module):
         mean = error.mean()
         if torch.isnan(self.running):
             self.running.copy_(mean)
+            self.initial.copy_(mean)
         else:
             self.running.mul_(self.cfg.momentum).add_((1 - self.cfg.momentum) * mean)
 
