@@ -27,21 +27,26 @@ from rs_engine.cli import UsageParser, parse_bands
 from rs_engine.errors import InputError
 
 
-def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int, batch: int) -> None:
+def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int, batch: int,
+                supervised: bool = True) -> None:
+    """The optimisation options every training command shares; ``supervised`` adds those of train/finetune
+    (freezing, early stopping, backbone initialisation, DRD as an extra loss)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=epochs)
     g.add_argument("--batch-size", type=int, default=batch, help="chips per step (per process under torchrun)")
     g.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
     g.add_argument("--warmup-steps", type=int, default=warmup)
-    g.add_argument("--freeze-backbone", action="store_true", help="train only the FPN and heads")
-    g.add_argument("--freeze-stages", type=int, default=0, help="freeze the stem and the first N backbone stages")
-    g.add_argument("--patience", type=int, help="stop after N evaluations without validation mask AP gain")
     g.add_argument("--max-minutes", type=float, help="stop after this much training time (re-run to continue)")
     g.add_argument("--checkpoint-minutes", type=float, default=10.0)
     g.add_argument("--workers", type=int, default=1, help="data-loading processes")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+    if not supervised:
+        return
+    g.add_argument("--freeze-backbone", action="store_true", help="train only the FPN and heads")
+    g.add_argument("--freeze-stages", type=int, default=0, help="freeze the stem and the first N backbone stages")
+    g.add_argument("--patience", type=int, help="stop after N evaluations without validation mask AP gain")
     g.add_argument("--init-backbone", type=Path, metavar="BACKBONE.safetensors",
                    help="initialise the backbone from a pretrained backbone file (rs-train distill / pretrain)")
     g.add_argument("--drd-teacher", metavar="SPEC", help="add dual relation distillation (DRD) from this teacher "
@@ -111,17 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--bands", default="1,2,3", type=parse_bands, help="image bands to use, 1-based (e.g. 1 for SAR)")
     pt.add_argument("--chip-size", type=int, default=256)
     pt.add_argument("--chips-per-image", type=int, default=1)
-    g = pt.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=8, help="chips per step (per process under torchrun)")
-    g.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate")
-    g.add_argument("--warmup-steps", type=int, default=50)
-    g.add_argument("--max-minutes", type=float, help="stop after this much training time (re-run to continue)")
-    g.add_argument("--checkpoint-minutes", type=float, default=10.0)
-    g.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+    _optim_args(pt, epochs=10, lr=1.5e-3, warmup=50, batch=8, supervised=False)
     _distill_parser(sub)
     return p
 
@@ -149,17 +144,7 @@ def _distill_parser(sub: Any) -> None:
     ds.add_argument("--mask-max", type=float, default=0.6, help="adaptive: largest mask ratio")
     ds.add_argument("--mask-patch", type=int, default=32, help="masked patch side in px")
     ds.add_argument("--drd-weight", type=float, default=0.0, help="weight of the dual relation (DRD) loss; 0: off")
-    g = ds.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=8, help="chips per step (per process under torchrun)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    g.add_argument("--warmup-steps", type=int, default=50)
-    g.add_argument("--max-minutes", type=float, help="stop after this much training time (re-run to continue)")
-    g.add_argument("--checkpoint-minutes", type=float, default=10.0)
-    g.add_argument("--workers", type=int, default=1, help="data-loading processes")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+    _optim_args(ds, epochs=10, lr=1e-3, warmup=50, batch=8, supervised=False)
 
 
 class _Reporter:

@@ -36,7 +36,16 @@ from torch import Tensor, nn
 
 from rs_engine.errors import InputError
 from training import distributed
-from training.train import EpochSampler, TrainConfig, _load_resume, _save_resume, adapt_input_conv, lr_at
+from training.train import (
+    TrainConfig,
+    _load_resume,
+    _save_resume,
+    adamw,
+    adapt_input_conv,
+    ddp_wrap,
+    epoch_sampler,
+    lr_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -307,22 +316,14 @@ def _run(objective: nn.Module, dataset: torch.utils.data.Dataset, out: Path, cfg
     log_path = out.with_suffix(".log.csv")
     objective.to(d.device)
     params = [p for p in objective.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
-    sampler = EpochSampler(len(dataset), cfg.batch_size, d, cfg.seed)
-    steps_per_epoch = sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
-        raise InputError(f"{len(dataset)} chips are fewer than one batch of {cfg.batch_size} per process: "
-                         "lower --batch-size or add images")
+    opt = adamw(params, cfg)
+    sampler, steps_per_epoch = epoch_sampler(len(dataset), cfg, d)
     total = cfg.epochs * steps_per_epoch
     state: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0, "last": {}}
     if resume_path.exists():
         state = {**state, **_load_resume(resume_path, objective, opt)}
         log.info("resumed from %s at epoch %d step %d", resume_path, state["epoch"], state["step"])
-    net: nn.Module = objective
-    if d.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[d.local_rank] if d.device.startswith("cuda") else None)
+    net = ddp_wrap(objective, d)
     use_amp = d.device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start = time.monotonic() - state["seconds"]

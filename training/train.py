@@ -84,6 +84,38 @@ def lr_at(step: int, total: int, cfg: TrainConfig, seconds: float = 0.0) -> floa
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+
+def adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` with weight decay on weights (ndim > 1) only, never on biases and norm scales."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def epoch_sampler(n: int, cfg: TrainConfig, d: Dist) -> tuple[EpochSampler, int]:
+    """The resumable sampler over ``n`` chips and its batches per epoch (per process).
+
+    Raises:
+        InputError: fewer chips than one batch per process.
+    """
+    from rs_engine.errors import InputError
+
+    sampler = EpochSampler(n, cfg.batch_size, d, cfg.seed)
+    steps = sampler.batches_per_epoch()
+    if steps == 0:
+        raise InputError(f"the training set has {n} chips, fewer than one batch of {cfg.batch_size} per process: "
+                         "lower --batch-size or add data")
+    return sampler, steps
+
+
+def ddp_wrap(module: torch.nn.Module, d: Dist, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when running under torchrun, else ``module`` itself."""
+    if not d.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[d.local_rank] if d.device.startswith("cuda") else None,
+        find_unused_parameters=find_unused_parameters)
+
+
 def frozen_prefixes(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
     """Parameter-name prefixes that ``cfg`` freezes, for SSM (hierarchical or plain) and ResNet bodies."""
     if cfg.freeze_backbone:
@@ -186,28 +218,16 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
     extra = extra_loss if isinstance(extra_loss, torch.nn.Module) else None
     extra_params = [p for p in extra.to(device).parameters() if p.requires_grad] if extra is not None else []
     params += extra_params
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sampler = EpochSampler(len(train_set), cfg.batch_size, d, cfg.seed)
-    steps_per_epoch = sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
-        from rs_engine.errors import InputError
-
-        raise InputError(f"the training set has {len(train_set)} chips, fewer than one batch of "
-                         f"{cfg.batch_size} per process: lower --batch-size or add data")
+    opt = adamw(params, cfg)
+    sampler, steps_per_epoch = epoch_sampler(len(train_set), cfg, d)
     total_steps = cfg.epochs * steps_per_epoch
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_ap": -1.0, "best_epoch": 0, "seconds": 0.0,
                              "metrics": {}}
     if resume_path.exists():
         state = {**state, **_load_resume(resume_path, model, opt, extra)}
         log.info("resumed from %s at epoch %d step %d", resume_path, state["epoch"], state["step"])
-    net = model
-    if d.enabled:
-        # Mask R-CNN leaves the mask head unused on batches without positives: find_unused_parameters.
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if device.startswith("cuda") else None, find_unused_parameters=True)
+    # Mask R-CNN leaves the mask head unused on batches without positives: find_unused_parameters.
+    net = ddp_wrap(model, d, find_unused_parameters=True)
     use_amp = device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start = time.monotonic() - state["seconds"]
