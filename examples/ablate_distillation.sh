@@ -76,3 +76,16 @@ for v in "${variants[@]}"; do
   [ -f "$m.test.json" ] || nice -n 5 "$PY" -m training.cli evaluate --model "$m.model.safetensors" \
     --coco "$D/annotations/instances_test.json" --images "$D/images" "${evaluate[@]}" --json "$m.test.json"
 done
+# The table of docs/distillation.md: test metrics of every variant and fine-tuning seed finished so far in $W.
+"$PY" - "$W" <<'PYEOF'
+import glob, json, os, statistics, sys
+w = sys.argv[1]
+print("| start | seeds | test mask AP per seed | mean mask AP | mean mask AP50 | mean box AP |")
+print("|---|---|---|---|---|---|")
+for v in ("scratch", "none", "fixed", "adaptive", "drd"):
+    runs = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(w, f"{v}.seed*.test.json")))]
+    if runs:
+        m = lambda k, s: statistics.mean(r[k][s] for r in runs)  # noqa: E731
+        print(f"| {v} | {len(runs)} | {', '.join(str(r['segm']['AP']) for r in runs)} | {m('segm', 'AP'):.2f} "
+              f"| {m('segm', 'AP50'):.2f} | {m('bbox', 'AP'):.2f} |")
+PYEOF
