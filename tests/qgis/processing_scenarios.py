@@ -1,6 +1,7 @@
 """Processing scenarios, headless (no iface, like qgis_process): ``python3 processing_scenarios.py SCENARIO WORKDIR``.
 
-segment:  processing.run("delineate:segment") on a georeferenced raster -> GeoPackage layer `instances` in its CRS;
+segment:  processing.run("delineate:segment") on a georeferenced SAR raster (the SSDD example put in UTM) -> GeoPackage
+          layer `instances` in its CRS, with the ships found;
           a missing model -> QgsProcessingException carrying the engine's message.
 finetune: processing.run("delineate:finetune") on the SpaceNet sample (1 short epoch) -> a model file, registered
           in the settings, which delineate:segment then runs with.
@@ -51,11 +52,19 @@ def describe(path: str) -> dict:
 EXTENT = "733601,733751,3724989,3725139 [EPSG:32616]"
 facts: dict = {"scenario": SCENARIO}
 if SCENARIO == "segment":
+    # The SAR example (24 annotated ships) georeferenced in UTM 16N at 1 m: the ship model must find ships in it,
+    # within an extent that covers its offshore half.
+    from osgeo import gdal
+
+    sar = os.path.join(WORK, "ssdd_utm.tif")
+    gdal.Translate(sar, str(ROOT / "examples" / "ssdd_001111.jpg"), format="GTiff", bandList=[1],
+                   outputSRS="EPSG:32616", outputBounds=[733601, 3725139, 733601 + 491, 3725139 - 321])
     out = os.path.join(WORK, "segment.gpkg")
     fb = Feedback()
     res = processing.run("delineate:segment", {
-        "INPUT": SPACENET, "MODEL": "ssdd-ship", "EXTENT": EXTENT, "TILE_SIZE": 256, "OVERLAP": 32,
-        "SCORE_THRESHOLD": 0.3, "BANDS": "1", "DEVICE": 1, "OUTPUT": out}, feedback=fb)
+        "INPUT": sar, "MODEL": "ssdd-ship", "EXTENT": "733601,734092,3724818,3725139 [EPSG:32616]",
+        "TILE_SIZE": 256, "OVERLAP": 32, "SCORE_THRESHOLD": 0.3, "BANDS": "1", "DEVICE": 1, "OUTPUT": out},
+        feedback=fb)
     facts["output"] = res["OUTPUT"]
     facts["result"] = describe(res["OUTPUT"])
     facts["progress_max"] = max(fb.values or [0])
