@@ -1,6 +1,7 @@
 """Dock scenarios in real QGIS (offscreen), one per process: ``python3 dock_scenarios.py SCENARIO WORKDIR``.
 
-segment: two raster layers at once (the map canvas as extent) -> two styled result layers in the raster's CRS.
+segment: two raster layers at once (the map canvas as extent) -> two styled result layers in the raster's CRS,
+         with the ships of the SAR example found.
 cancel:  Cancel during a run -> no layer, no output file, no engine temp file.
 error:   a band the raster lacks -> the engine's one-line message in the message bar.
 kill:    the engine process killed mid-run -> "engine stopped unexpectedly" reported; the next run works.
@@ -86,12 +87,18 @@ def leftovers(folder: str) -> list:
 
 
 if SCENARIO == "segment":
-    a = add_raster(SPACENET, "atlanta A")
-    b = add_raster(SPACENET, "atlanta B")
+    # The SAR example (24 annotated ships) georeferenced in UTM 16N at 1 m, twice: the ship model must find ships.
+    from osgeo import gdal
+
+    sar = os.path.join(WORK, "ssdd_utm.tif")
+    gdal.Translate(sar, SSDD, format="GTiff", bandList=[1], outputSRS="EPSG:32616",
+                   outputBounds=[733601, 3725139, 733601 + 491, 3725139 - 321])
+    a = add_raster(sar, "ssdd A")
+    b = add_raster(sar, "ssdd B")
     dock.set_checked_rasters([a.id(), b.id()])
     iface.canvas.setDestinationCrs(a.crs())
     ext = a.extent()
-    iface.canvas.setExtent(QgsRectangle(ext.xMinimum(), ext.yMaximum() - 200, ext.xMinimum() + 200,
+    iface.canvas.setExtent(QgsRectangle(ext.xMinimum(), ext.yMaximum() - 200, ext.xMinimum() + 300,
                                         ext.yMaximum()))
     iface.canvas.refresh()
     dock.extent_combo.setCurrentIndex(1)  # map canvas
