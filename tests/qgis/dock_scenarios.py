@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, FakeIface, flush_deletes, load_plugin, report, wait_until  # noqa: E402
+from harness import ROOT, FakeIface, flush_deletes, load_plugin, report, sar_example_in_utm, wait_until  # noqa: E402
 from qgis.core import (  # noqa: E402
     QgsFeature,
     QgsGeometry,
@@ -87,12 +87,8 @@ def leftovers(folder: str) -> list:
 
 
 if SCENARIO == "segment":
-    # The SAR example (24 annotated ships) georeferenced in UTM 16N at 1 m, twice: the ship model must find ships.
-    from osgeo import gdal
-
-    sar = os.path.join(WORK, "ssdd_utm.tif")
-    gdal.Translate(sar, SSDD, format="GTiff", bandList=[1], outputSRS="EPSG:32616",
-                   outputBounds=[733601, 3725139, 733601 + 491, 3725139 - 321])
+    # The SAR example georeferenced in UTM (24 annotated ships), twice: the ship model must find ships.
+    sar = sar_example_in_utm(WORK)
     a = add_raster(sar, "ssdd A")
     b = add_raster(sar, "ssdd B")
     dock.set_checked_rasters([a.id(), b.id()])

@@ -175,3 +175,14 @@ def child_processes() -> list[int]:
 
 def project() -> QgsProject:
     return QgsProject.instance()
+
+
+def sar_example_in_utm(workdir: str) -> str:
+    """examples/ssdd_001111.jpg (SAR, 491 x 321 px, 24 annotated ships) as a 1-band GeoTIFF in UTM 16N
+    (EPSG:32616) at 1 m, upper-left corner at (733601, 3725139); returns its path under ``workdir``."""
+    from osgeo import gdal
+
+    path = os.path.join(workdir, "ssdd_utm.tif")
+    gdal.Translate(path, str(ROOT / "examples" / "ssdd_001111.jpg"), format="GTiff", bandList=[1],
+                   outputSRS="EPSG:32616", outputBounds=[733601, 3725139, 733601 + 491, 3725139 - 321])
+    return path

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, init_processing, report  # noqa: E402
+from harness import ROOT, init_processing, report, sar_example_in_utm  # noqa: E402
 from qgis.core import QgsProcessingException, QgsProcessingFeedback, QgsVectorLayer  # noqa: E402
 
 import qgis_plugin  # noqa: E402
@@ -52,13 +52,8 @@ def describe(path: str) -> dict:
 EXTENT = "733601,733751,3724989,3725139 [EPSG:32616]"
 facts: dict = {"scenario": SCENARIO}
 if SCENARIO == "segment":
-    # The SAR example (24 annotated ships) georeferenced in UTM 16N at 1 m: the ship model must find ships in it,
-    # within an extent that covers its offshore half.
-    from osgeo import gdal
-
-    sar = os.path.join(WORK, "ssdd_utm.tif")
-    gdal.Translate(sar, str(ROOT / "examples" / "ssdd_001111.jpg"), format="GTiff", bandList=[1],
-                   outputSRS="EPSG:32616", outputBounds=[733601, 3725139, 733601 + 491, 3725139 - 321])
+    # The SAR example georeferenced in UTM (24 annotated ships), with its whole extent given: ships must be found.
+    sar = sar_example_in_utm(WORK)
     out = os.path.join(WORK, "segment.gpkg")
     fb = Feedback()
     res = processing.run("delineate:segment", {

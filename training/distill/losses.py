@@ -151,9 +151,7 @@ class Perturbation(nn.Module):
         if c.mode == "fixed" or torch.isnan(self.running):
             return sigma, rho
         ebar = self.running.clamp_min(1e-12)
-        progress = torch.ones((), device=index.device)
-        if not torch.isnan(self.initial):  # (a state saved before the global factor existed has none)
-            progress = (ebar / self.initial.clamp_min(1e-12)).clamp_min(1e-6).pow(-c.gamma_global).to(index.device)
+        progress = (ebar / self.initial.clamp_min(1e-12)).clamp_min(1e-6).pow(-c.gamma_global).to(index.device)
         e = self.errors[index.to(self.errors.device)].to(index.device)
         r = torch.where(torch.isnan(e), torch.ones_like(e), e / ebar.to(index.device))
         scale = progress * r.clamp_min(1e-6).pow(-c.gamma)
