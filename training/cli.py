@@ -47,8 +47,9 @@ def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int,
     g.add_argument("--freeze-backbone", action="store_true", help="train only the FPN and heads")
     g.add_argument("--freeze-stages", type=int, default=0, help="freeze the stem and the first N backbone stages")
     g.add_argument("--patience", type=int, help="stop after N evaluations without validation mask AP gain")
-    g.add_argument("--init-backbone", type=Path, metavar="BACKBONE.safetensors",
-                   help="initialise the backbone from a pretrained backbone file (rs-train distill / pretrain)")
+    g.add_argument("--init-backbone", metavar="BACKBONE.safetensors|imagenet",
+                   help="initialise the backbone from a pretrained backbone file (rs-train distill / pretrain), or "
+                        "'imagenet': the ImageNet weights of an effnet_* / ssm_hybrid_* body")
     g.add_argument("--drd-teacher", metavar="SPEC", help="add dual relation distillation (DRD) from this teacher "
                    "(a model name or file, or any rs-train distill --teacher spec)")
     g.add_argument("--drd-weight", type=float, default=1.0, help="weight of the DRD loss (with --drd-teacher)")
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chip-size", type=int, default=512)
     t.add_argument("--chips-per-image", type=int, default=1)
     t.add_argument("--gsd", type=float, help="training GSD in m/px for the model card")
+    t.add_argument("--scale-range", type=_scale_range, default=(0.8, 1.25), metavar="LO,HI",
+                   help="scale jitter: chips are zoomed by a log-uniform factor in [LO, HI] (default 0.8,1.25)")
     _optim_args(t, epochs=12, lr=1e-3, warmup=200, batch=4)
 
     f = sub.add_parser("finetune", help="fine-tune a model on rasters + a polygon layer (your own annotations)")
@@ -246,8 +249,37 @@ def _train_config(args: argparse.Namespace):  # noqa: ANN202
                        seed=args.seed)
 
 
+def _scale_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two numbers LO,HI, e.g. 0.6,1.6") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 < LO <= HI")
+    return lo, hi
+
+
+def portable(path: str | Path) -> str:
+    """A path as a model card records it: relative to the project (``examples/...``) or to its data
+    (``../shared/...``); any other path by its file name only, so no card holds a path of the training machine."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists():
+        return str(path)
+    root = Path(__file__).resolve().parents[1]
+    p = p.resolve()
+    for base, prefix in ((root, ""), (root.parent / "shared", "../shared/")):
+        if p.is_relative_to(base):
+            return prefix + str(p.relative_to(base))
+    return p.name
+
+
 def _command() -> str:
-    return " ".join(["rs-train", *sys.argv[1:]])
+    """The command line as run, with paths made :func:`portable`."""
+    words = ["rs-train"]
+    for word in sys.argv[1:]:
+        looks_like_path = "/" in word and not word.startswith("-") and ":" not in word
+        words.append(portable(word) if looks_like_path else word)
+    return " ".join(words)
 
 
 def _train(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
@@ -255,6 +287,7 @@ def _train(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
 
     from rs_engine.checkpoint import ModelCard
     from rs_engine.models import ModelConfig, build_model
+    from training.augment import AugmentConfig
     from training.coco import ChipSpec, CocoChips, band_statistics
     from training.evaluate import evaluate_coco
     from training.pretrain import init_backbone
@@ -263,18 +296,18 @@ def _train(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     bands = [b - 1 for b in args.bands]
     spec = ChipSpec(args.chip_size, bands, [0.0] * len(bands), [1.0] * len(bands))
     train_set = CocoChips(args.coco, args.images, spec, train=True, chips_per_image=args.chips_per_image,
-                          seed=args.seed)
+                          seed=args.seed, augment=AugmentConfig(scale_range=args.scale_range))
     # Statistics of the raw images (band_statistics reads them unnormalised), then the chips use them.
     spec.mean, spec.std = mean, std = band_statistics(train_set)
     config = ModelConfig(backbone=args.model_config, in_channels=len(bands),
                          num_classes=len(train_set.class_names), tile_size=args.chip_size)
     torch.manual_seed(args.seed)
     model = build_model(config)
-    provenance: dict[str, Any] = {"data": str(args.coco), "command": _command()}
+    provenance: dict[str, Any] = {"data": portable(args.coco), "command": _command()}
     if args.init:
         provenance["init"] = init_from(model, args.init)
     if args.init_backbone:
-        provenance["init_backbone"] = init_backbone(model, args.init_backbone, args.model_config)
+        provenance["init_backbone"] = init_backbone(model, args.init_backbone, args.model_config, mean, std)
     card = ModelCard(
         name=args.name or args.out.stem, version="0.1", architecture=config.to_dict(),
         class_names=train_set.class_names, bands=len(bands), mean=mean, std=std, gsd=args.gsd,
@@ -322,13 +355,13 @@ def _finetune(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     model = build_model(config)
     init = init_from(model, args.base_model, same_classes=base.class_names == train_set.class_names)
     if args.init_backbone:
-        init["backbone"] = init_backbone(model, args.init_backbone, config.backbone)
+        init["backbone"] = init_backbone(model, args.init_backbone, config.backbone, mean, std)
     card = ModelCard(
         name=args.name or args.out.stem, version="0.1", architecture=config.to_dict(),
         class_names=train_set.class_names, bands=len(bands), mean=mean, std=std,
         gsd=_raster_gsd(args.raster[0]) or base.gsd, tile_size=size, overlap=size // 4,
         score_threshold=base.score_threshold,
-        provenance={"data": {"rasters": [str(r) for r in args.raster], "labels": str(args.labels),
+        provenance={"data": {"rasters": [portable(r) for r in args.raster], "labels": portable(args.labels),
                              "class_field": args.class_field, "aoi": str(args.aoi) if args.aoi else None},
                     "base_model": base.label, "init": init, "command": _command()},
     )
@@ -399,7 +432,7 @@ def _evaluate(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
         bands = list(range(card.bands))
         ds = CocoChips(args.coco, args.images, ChipSpec(card.tile_size, bands, card.mean, card.std), train=False)
         metrics = evaluate_coco(model, ds, device=device, max_images=args.max_images)
-        data: Any = str(args.coco)
+        data: Any = portable(args.coco)
     elif args.raster and args.labels:
         if not args.class_field:
             raise InputError("--labels needs --class-field, the attribute holding each polygon's class")
@@ -407,7 +440,7 @@ def _evaluate(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
 
         metrics = evaluate_raster(args.model, args.raster, args.labels, args.class_field, aoi=args.aoi,
                                   device=device, bands=args.bands, class_agnostic=args.class_agnostic)
-        data = {"rasters": [str(r) for r in args.raster], "labels": str(args.labels),
+        data = {"rasters": [portable(r) for r in args.raster], "labels": portable(args.labels),
                 "aoi": str(args.aoi) if args.aoi else None, "class_agnostic": args.class_agnostic}
     else:
         raise InputError("evaluate needs --coco ANN.json --images DIR, or --raster R.tif --labels L.gpkg "

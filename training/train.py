@@ -125,6 +125,8 @@ def frozen_prefixes(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
         return []
     body = model.backbone.body
     p = "backbone.body."
+    if hasattr(body, "freeze_prefixes"):  # EfficientNet-Lite and hybrid bodies name their own stages
+        return [p + q for q in body.freeze_prefixes(k)]
     if hasattr(body, "stages"):  # hierarchical SSM: stem, stage i, then the downsampling into stage i + 1
         return [p + "patch_embed."] + [p + f"stages.{i}." for i in range(k)] + [p + f"downsamples.{i}."
                                                                                for i in range(min(k, 3))]

