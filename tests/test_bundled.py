@@ -26,6 +26,16 @@ def test_bundled_card_and_weights(name: str, bands: int, classes: int) -> None:
     assert not model.training
 
 
+@pytest.mark.parametrize("name", ["nwpu10", "ssdd-ship"])
+def test_bundled_card_names_no_path_of_the_training_machine(name: str) -> None:
+    """Commands and data in the provenance are relative to the project or ../shared (portable cards)."""
+    import json
+    import re
+
+    text = json.dumps(read_card(name).provenance)
+    assert not re.findall(r'(?<![\w.])/[A-Za-z_][^\s",]*', text), "absolute paths in the card"
+
+
 def test_ssdd_ship_finds_the_ships_of_the_example(tmp_path) -> None:
     """examples/ssdd_001111.jpg holds 24 annotated ships, mostly offshore: most must be found, not many more."""
     out = tmp_path / "ships.gpkg"
