@@ -4,7 +4,7 @@ ResNet-50-FPN through the same tiling on the same raster, and peak RSS as the ra
 Usage::
 
     .venv/bin/python bench/end_to_end.py [--quick] [--out bench/results] [--data out/bench] [--threads N]
-        [--model nwpu10] [--baseline PATH] [--side 4096] [--stream-sides 2048,8192,16384]
+        [--model nwpu10] [--also MODEL ...] [--baseline PATH] [--side 4096] [--stream-sides 2048,8192,16384]
 
 1. End to end: a ``--side`` px mosaic of real NWPU VHR-10 imagery (GeoTIFF, :func:`bench.common.nwpu_mosaic`),
    segmented by each model with the same ``--tile-size`` and ``--overlap`` (the default model's card values),
@@ -13,7 +13,8 @@ Usage::
    The baseline is a model file with ``resnet50`` architecture: by default the NWPU VHR-10 baseline trained by
    README "Models" (``--baseline``); a training run's ``.resume.safetensors`` is converted as it stands; without
    either, an untrained ResNet-50-FPN Mask R-CNN with the default model's card is built (its speed is the
-   architecture's, but its detections are random: marked in the table).
+   architecture's, but its detections are random: marked in the table). ``--also`` adds other model files (e.g.
+   the previous default) to the same run.
 2. Streaming: the default model on mosaics of each ``--stream-sides`` side (same content, tiled GeoTIFFs written
    window by window): peak RSS and Mpx/s. Bounded memory means the peak does not grow with the raster.
 3. Ceilings in the same run: fp32 matmul GFLOP/s and the raster read rate of the mosaic (MB/s of decoded pixels,
@@ -44,7 +45,8 @@ from bench.common import (  # noqa: E402
     write_outputs,
 )
 
-DEFAULT_BASELINE = Path("/work/delineate-train/base/nwpu10-resnet50.safetensors")
+# Where examples/ and README "Models" put training outputs: beside the repository, never inside it.
+DEFAULT_BASELINE = ROOT.parent / "delineate-train" / "base" / "nwpu10-resnet50.safetensors"
 
 
 def segment_cmd(raster: Path, model: str, out: Path, tile: int, overlap: int, batch: int) -> list[str]:
@@ -129,6 +131,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "out" / "bench", help="where the test rasters are cached")
     ap.add_argument("--threads", type=int, help="OMP/torch threads of the segment processes")
     ap.add_argument("--model", default="nwpu10")
+    ap.add_argument("--also", action="append", default=[], metavar="MODEL",
+                    help="another model (name or file) timed in the same run, e.g. the previous default")
     ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     ap.add_argument("--side", type=int, default=4096)
     ap.add_argument("--stream-sides", default="2048,8192,16384")
@@ -163,9 +167,10 @@ def main() -> None:
         elif not baseline.is_file():
             baseline, role = untrained_baseline(args.data / "resnet50-untrained.safetensors", args.model), \
                 "baseline (untrained weights)"
-        for model in (args.model, str(baseline)):
+        roles = {args.model: "default model", **{m: "compared" for m in args.also}, str(baseline): role}
+        for model, what in roles.items():
             rec = measure(mosaic, model, args.data, args.tile_size, args.overlap, args.batch_size, env, args.timeout)
-            rec["role"] = "default model" if model == args.model else role
+            rec["role"] = what
             record["e2e"].append(rec)
     if "stream" not in skip:
         for s in stream:
@@ -186,9 +191,9 @@ def _table(rec: dict) -> str:
                          f"{r['seconds']} | {r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} | "
                          f"{r.get('loadavg_1min', '-')} |")
         ok = [r for r in rec["e2e"] if "mpx_per_s" in r]
-        if len(ok) == 2:
-            lines.append(f"\nSpeed-up of {ok[0]['model']} over {ok[1]['model']}: "
-                         f"{ok[0]['mpx_per_s'] / ok[1]['mpx_per_s']:.2f}x.")
+        if len(ok) >= 2:
+            lines.append("\n" + "; ".join(f"speed-up of {ok[0]['model']} over {r['model']}: "
+                                           f"{ok[0]['mpx_per_s'] / r['mpx_per_s']:.2f}x" for r in ok[1:]) + ".")
     if rec["stream"]:
         lines += ["", "| raster side (px) | Mpx | Mpx/s | seconds | peak RSS (MB) | objects |",
                   "|---|---|---|---|---|---|"]
@@ -211,7 +216,8 @@ def _plot(rec: dict, png: Path) -> None:
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     ok = [r for r in rec["e2e"] if "mpx_per_s" in r]
-    a1.bar([f"{r['model']}\n({r['role']})" for r in ok], [r["mpx_per_s"] for r in ok], color=["tab:green", "tab:gray"])
+    a1.bar([f"{r['model']}\n({r['role']})" for r in ok], [r["mpx_per_s"] for r in ok],
+           color=["tab:green"] + ["tab:gray"] * (len(ok) - 1))
     a1.set_ylabel("megapixels per second")
     a1.set_title("end to end, same raster and tiling", fontsize=10)
     st = [r for r in rec["stream"] if r["rc"] == 0 or r.get("partial")]

@@ -22,9 +22,9 @@ FT_SEED=${FT_SEED:-0}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 case $DATASET in
-  ssdd) D=$SHARED/ssdd; W=${WORK:-/work/delineate-train/distill-ssdd}; bands=1
+  ssdd) D=$SHARED/ssdd; W=${WORK:-../delineate-train/distill-ssdd}; bands=1
         NDI=${DISTILL_IMAGES:-928}; NFI=${FT_IMAGES:-400}; NEV=${EVAL_IMAGES:-0}; ft_batch=4; ft_lr=1e-3 ;;
-  nwpu) D=$SHARED/nwpu_vhr10; W=${WORK:-/work/delineate-train/distill}; bands=1,2,3
+  nwpu) D=$SHARED/nwpu_vhr10; W=${WORK:-../delineate-train/distill}; bands=1,2,3
         NDI=${DISTILL_IMAGES:-240}; NFI=${FT_IMAGES:-200}; NEV=${EVAL_IMAGES:-40}; ft_batch=2; ft_lr=5e-4 ;;
   *) echo "DATASET=$DATASET: use ssdd or nwpu" >&2; exit 2 ;;
 esac

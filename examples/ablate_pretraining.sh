@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Small-budget ablation of freq-mask pretraining on SSDD (SAR), see docs/pretraining.md.
 # heat_tiny and ssm_tiny, each fine-tuned from scratch and from its freq-mask backbone with the same step budget,
-# then scored on the SSDD test split (mask AP). Outputs go to $OUT (default /work/delineate-train/pretrain),
+# then scored on the SSDD test split (mask AP). Outputs go to $OUT (default ../delineate-train/pretrain),
 # never into the repository. Runs one job at a time, 1 thread each, niced (a shared 2-core CPU).
 set -euo pipefail
 D=${D:-../shared/data}
-OUT=${OUT:-/work/delineate-train/pretrain}
+OUT=${OUT:-../delineate-train/pretrain}
 PRE_MIN=${PRE_MIN:-6}          # pretraining budget per backbone, minutes
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
