@@ -28,7 +28,7 @@ for target in "$@"; do
     ssdd) D=$SHARED/ssdd
       "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
         --model-config ssm_hybrid_tiny --init-backbone imagenet --bands 1 --chip-size 256 \
-        --scale-range 0.6,1.6 --epochs 4 --max-minutes 60 --batch-size 4 --lr 5e-4 --warmup-steps 50 \
+        --scale-range 0.6,1.6 --epochs 4 --max-minutes 40 --batch-size 4 --lr 5e-4 --warmup-steps 50 \
         --checkpoint-minutes 5 --workers 0 --name ssdd-ship --progress jsonl --out "$WORK/ssdd-ship-hybrid.safetensors"
       "$PY" -m training.cli evaluate --model "$WORK/ssdd-ship-hybrid.safetensors" \
         --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
