@@ -71,11 +71,9 @@ def test_ssdd_ship_detections_land_on_annotated_ships(tmp_path) -> None:
 NWPU_TEST = Path(__file__).resolve().parents[2] / "shared/data/nwpu_vhr10/annotations/instances_test.json"
 
 
-@pytest.mark.skipif(not NWPU_TEST.is_file(), reason="../shared/data (NWPU VHR-10 annotations) not present")
-def test_nwpu10_finds_the_airplanes_of_the_example(tmp_path) -> None:
-    """Airplanes of the example (14 annotated) found by an airplane detection at mask IoU > 0.1, with the card's
-    threshold: 9 on the development machine, at least 7 required. (At IoU 0.3 only 2: the weak model's masks
-    are mostly parts of airplanes, a fifth to a quarter of their area; see README "Models".)"""
+def _nwpu_hits(out: Path, class_name: str, iou: float) -> tuple[int, int, int]:
+    """(annotated, found, annotated objects matched by a detection of that class at mask IoU > ``iou``) for the
+    NWPU example (pixel frame: y = -row)."""
     import json
 
     import shapely
@@ -83,14 +81,35 @@ def test_nwpu10_finds_the_airplanes_of_the_example(tmp_path) -> None:
 
     coco = json.loads(NWPU_TEST.read_text())
     image_id = next(i["id"] for i in coco["images"] if i["file_name"] == "021.jpg")
-    plane = next(c["id"] for c in coco["categories"] if c["name"] == "airplane")
+    cat = next(c["id"] for c in coco["categories"] if c["name"] == class_name)
     truth = [Polygon(list(zip(s[0::2], [-y for y in s[1::2]])))
-             for a in coco["annotations"] if a["image_id"] == image_id and a["category_id"] == plane
+             for a in coco["annotations"] if a["image_id"] == image_id and a["category_id"] == cat
              for s in a["segmentation"]]
-    out = tmp_path / "planes.gpkg"
-    segment([EXAMPLES / "nwpu_021.jpg"], out, SegmentOptions(model="nwpu10"))
     meta, _, wkb, fields = pyogrio.raw.read(out)
     names = dict(zip(meta["fields"], fields))["class_name"]
-    found = [shapely.from_wkb(g) for g, n in zip(wkb, names) if n == "airplane"]
-    hits = sum(any(t.intersection(f).area / t.union(f).area > 0.1 for f in found) for t in truth)
-    assert len(truth) == 14 and hits >= 7, (hits, len(found))
+    found = [shapely.from_wkb(g) for g, n in zip(wkb, names) if n == class_name]
+    hits = sum(any(t.intersection(f).area / t.union(f).area > iou for f in found) for t in truth)
+    return len(truth), len(found), hits
+
+
+@pytest.mark.skipif(not NWPU_TEST.is_file(), reason="../shared/data (NWPU VHR-10 annotations) not present")
+def test_nwpu10_outlines_the_airplanes_and_storage_tanks_of_the_example(tmp_path) -> None:
+    """With the card's threshold: the 12 storage tanks at mask IoU > 0.5 (11 on the development machine, at
+    least 9 required) and the 14 airplanes at IoU > 0.3 (12; at least 10). Airplane masks still take in part of
+    each airplane's shadow (IoU 0.4-0.6 against the body-only annotation; README "Models")."""
+    out = tmp_path / "nwpu.gpkg"
+    segment([EXAMPLES / "nwpu_021.jpg"], out, SegmentOptions(model="nwpu10"))
+    tanks = _nwpu_hits(out, "storage tank", 0.5)
+    assert tanks[0] == 12 and tanks[2] >= 9 and tanks[1] <= 18, tanks
+    planes = _nwpu_hits(out, "airplane", 0.3)
+    assert planes[0] == 14 and planes[2] >= 10 and planes[1] <= 30, planes
+
+
+def test_nwpu10_sees_no_airplanes_in_the_spacenet_suburb(tmp_path) -> None:
+    """The SpaceNet Atlanta sample (houses and trees, 0.5 m pan as RGB): at most one false airplane (1 on the
+    development machine; nwpu10 0.2 called tree crowns airplanes)."""
+    out = tmp_path / "suburb.gpkg"
+    result = segment([EXAMPLES / "spacenet_atlanta.tif"], out, SegmentOptions(model="nwpu10", bands=[1, 1, 1]))
+    meta, _, _, fields = pyogrio.raw.read(out) if result.features else ({"fields": []}, None, [], [])
+    names = list(dict(zip(meta["fields"], fields)).get("class_name", []))
+    assert names.count("airplane") <= 1, names
