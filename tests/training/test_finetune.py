@@ -45,7 +45,7 @@ def test_finetune_lowers_loss_and_segments(tmp_path) -> None:
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     card = read_card(out)
     assert card.class_names == ["yes"] and card.bands == 1 and card.gsd == pytest.approx(0.5)
-    assert card.provenance["init"]["adapted"] == ["backbone.body.patch_embed.0.weight"]  # pan into an RGB model
+    assert card.provenance["init"]["adapted"] == ["backbone.body.conv_stem.weight"]  # pan into nwpu10 (RGB hybrid)
     assert card.provenance["base_model"].startswith("nwpu10")
 
     gpkg = tmp_path / "pred.gpkg"
