@@ -1,4 +1,4 @@
-"""The pipeline can learn masks: overfitting four real NWPU VHR-10 training chips reaches mask IoU >= 0.9.
+"""The pipeline can learn masks: overfitting four real NWPU VHR-10 training chips reaches mask IoU >= 0.9 in 300 steps.
 
 A sanity check before any long run (issue: the masks of an under-trained model covered a fifth of each airplane,
 which could have been a bug in mask targets, RoIAlign alignment, polygon rasterisation or the mask head). Real
@@ -46,7 +46,7 @@ def test_overfit_four_real_chips_reaches_mask_iou_0_9(tmp_path: Path) -> None:
     card = ModelCard(name="overfit", version="0", architecture=config.to_dict(), class_names=chips.class_names,
                      bands=3, mean=spec.mean, std=spec.std, tile_size=256, overlap=64, score_threshold=0.5)
     train(model, card, chips, tmp_path / "m.safetensors",
-          TrainConfig(epochs=100, batch_size=2, lr=1e-3, warmup_steps=20, num_workers=0, half=False))  # 200 steps
+          TrainConfig(epochs=150, batch_size=2, lr=1e-3, warmup_steps=20, num_workers=0, half=False))  # 300 steps
     model.eval()
     ious = []
     with torch.no_grad():
@@ -59,5 +59,6 @@ def test_overfit_four_real_chips_reaches_mask_iou_0_9(tmp_path: Path) -> None:
                 union = (pred | truth).flatten(1).sum(1).float()
                 ious.append(float((inter / union.clamp(min=1)).max()) if len(pred) else 0.0)
     assert len(ious) == 7
-    # Measured: 0.907 (airplanes 0.82-0.84: thin wings at the 28 x 28 mask head's resolution; the others 0.9-0.97).
+    # Measured after 200 steps: 0.907 (airplanes 0.82-0.84: thin wings at the 28 x 28 mask resolution; the others
+    # 0.9-0.97); 300 steps leave a margin for other thread counts.
     assert np.mean(ious) >= 0.9, [round(v, 3) for v in ious]
