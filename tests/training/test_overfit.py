@@ -1,4 +1,4 @@
-"""The pipeline can learn masks: overfitting four real NWPU VHR-10 training chips reaches mask IoU >= 0.9 in 300 steps.
+"""The pipeline can learn masks: overfitting four real NWPU VHR-10 chips reaches mask IoU >= 0.9 in 300 steps.
 
 A sanity check before any long run (issue: the masks of an under-trained model covered a fifth of each airplane,
 which could have been a bug in mask targets, RoIAlign alignment, polygon rasterisation or the mask head). Real
