@@ -6,6 +6,8 @@
 # Then score on the test split (the --record line is stored in the card) and bundle with examples/bundle_model.py.
 # One job at a time, one thread (OMP_NUM_THREADS=1), so the machine's second core stays free for other work.
 # WORK (default ../delineate-train, outside the repository) holds the model, resume, log and curve files.
+# To train further, raise the budget: NWPU_MINUTES=300 NWPU_EPOCHS=12 examples/train_defaults.sh nwpu resumes
+# the run with its cosine schedule stretched to the new budget (nwpu10 0.3 is the 100-minute run).
 set -euo pipefail
 SHARED=${DATA:-../shared/data}
 WORK=${WORK:-../delineate-train}
@@ -20,7 +22,7 @@ for target in "$@"; do
     nwpu) D=$SHARED/nwpu_vhr10
       "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
         --model-config ssm_hybrid_tiny --init-backbone imagenet --bands 1,2,3 --chip-size 512 \
-        --scale-range 0.6,1.6 --epochs 5 --max-minutes 100 --batch-size 2 --lr 5e-4 --warmup-steps 50 \
+        --scale-range 0.6,1.6 --epochs "${NWPU_EPOCHS:-5}" --max-minutes "${NWPU_MINUTES:-100}" --batch-size 2 --lr 5e-4 --warmup-steps 50 \
         --checkpoint-minutes 5 --workers 0 --name nwpu10 --progress jsonl --out "$WORK/nwpu10-hybrid.safetensors"
       "$PY" -m training.cli evaluate --model "$WORK/nwpu10-hybrid.safetensors" \
         --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
@@ -28,7 +30,7 @@ for target in "$@"; do
     ssdd) D=$SHARED/ssdd
       "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
         --model-config ssm_hybrid_tiny --init-backbone imagenet --bands 1 --chip-size 256 \
-        --scale-range 0.6,1.6 --epochs 4 --max-minutes 40 --batch-size 4 --lr 5e-4 --warmup-steps 50 \
+        --scale-range 0.6,1.6 --epochs "${SSDD_EPOCHS:-4}" --max-minutes "${SSDD_MINUTES:-40}" --batch-size 4 --lr 5e-4 --warmup-steps 50 \
         --checkpoint-minutes 5 --workers 0 --name ssdd-ship --progress jsonl --out "$WORK/ssdd-ship-hybrid.safetensors"
       "$PY" -m training.cli evaluate --model "$WORK/ssdd-ship-hybrid.safetensors" \
         --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
