@@ -3,7 +3,8 @@
 Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr, no traceback); 1 internal error;
 130 cancelled (Ctrl-C or SIGTERM). With ``--progress jsonl`` every event is also one JSON object per line on
 stdout: ``{"event": "progress", "done": k, "total": n}``, then ``{"event": "done", "output": ..., "features": n}``
-or ``{"event": "error", "message": ...}``.
+or ``{"event": "error", "message": ...}``; with ``--scheduler`` first ``{"event": "cluster", "scheduler": ...,
+"threads": n, "dashboard": URL or null}``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=UsageParser)
 
     s = sub.add_parser("segment", help="segment rasters into a GeoPackage of instance polygons")
-    s.add_argument("inputs", nargs="+", metavar="INPUT", help="raster file(s) GDAL can read")
+    s.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="raster files GDAL can read (VRT mosaics too), folders of rasters or glob patterns")
     s.add_argument("-o", "--output", required=True, metavar="OUT.gpkg", help="output GeoPackage")
     s.add_argument("--model", default="nwpu10", help="bundled model name or model file path (default: nwpu10)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -77,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per forward pass")
     s.add_argument("--no-resample", action="store_true", help="don't resample to the model's GSD")
     s.add_argument("--simplify", type=float, default=0.0, metavar="M", help="simplify polygons (map units)")
+    s.add_argument("--crs", metavar="CRS", help="output CRS, e.g. EPSG:32616 (default: the first input's)")
     s.add_argument("--overwrite", action="store_true", help="replace OUT.gpkg if it exists")
     s.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
+    s.add_argument("--scheduler", metavar="local:N|tcp://HOST:PORT",
+                   help="predict on a Dask cluster: N local worker processes, or a running scheduler")
+    s.add_argument("--block-tiles", type=int, default=64, metavar="N",
+                   help="tiles per cluster task (default 64; a scene with fewer is one task)")
 
     m = sub.add_parser("models", help="list bundled models and their cards")
     m.add_argument("--json", action="store_true", help="print the model cards as JSON")
@@ -160,8 +167,18 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
         batch_size=args.batch_size,
         resample=not args.no_resample,
         simplify=args.simplify,
+        crs=args.crs,
+        scheduler=args.scheduler,
+        block_tiles=args.block_tiles,
     )
     bar = None
+
+    def on_cluster(dashboard: str | None, threads: int) -> None:
+        if args.progress == "jsonl":
+            emit.event(event="cluster", scheduler=args.scheduler, threads=threads, dashboard=dashboard)
+        where = f", dashboard {dashboard}" if dashboard else ""
+        print(f"rs-engine: Dask cluster {args.scheduler}: {threads} worker thread(s){where}", file=sys.stderr,
+              flush=True)  # fmt: skip
 
     def progress(done: int, total: int) -> None:
         nonlocal bar
@@ -175,7 +192,7 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
             bar.update(done - bar.n)
 
     try:
-        result = segment(args.inputs, args.output, opts, progress=progress)
+        result = segment(args.inputs, args.output, opts, progress=progress, on_cluster=on_cluster)
     except Cancelled:
         emit.error("cancelled")
         return EXIT_CANCELLED

@@ -2,18 +2,20 @@
 
 Raster file -> windows (:mod:`rs_engine.raster`) -> tensors -> model -> masks -> polygons
 (:mod:`rs_engine.postprocess`) -> GeoPackage layer ``instances``, written incrementally to a temp file beside
-the output and renamed onto it only when the run succeeds.
+the output and renamed onto it only when the run succeeds. Prediction runs here (:func:`predict_tiles`, batch by
+batch) or on the blocks of a Dask cluster (:mod:`rs_engine.cluster`); merging and writing always run here, in
+plan order, so both give the same features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +26,21 @@ import rasterio
 import shapely
 import torch
 from affine import Affine
-from pyogrio import raw as ogr_raw
 from rasterio.crs import CRS
-from rasterio.warp import transform_bounds, transform_geom
+from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 
 from rs_engine.checkpoint import ModelCard, load_model, read_card
 from rs_engine.errors import InputError
-from rs_engine.postprocess import MergedObject, TileMerger, as_multipolygon, tile_instances, to_map
-from rs_engine.raster import ExtentError, RasterSource, TilePlan
+from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
+from rs_engine.inputs import expand_inputs, open_sources, output_crs
+from rs_engine.postprocess import Instance, MergedObject, TileMerger, as_multipolygon, tile_instances, to_map
+from rs_engine.raster import RasterSource, Tile, TilePlan
 
 log = logging.getLogger(__name__)
 
-LAYER = "instances"
-FIELDS = ["class_id", "class_name", "score", "area", "source", "model", "run_id"]
+__all__ = ["FIELDS", "LAYER", "Cancelled", "SegmentOptions", "SegmentResult", "TileBatch", "predict_tiles", "segment"]
+
 MIN_TILE_SIZE = 8
 
 #: ``predictor(list of (C, H, W) float32 tensors) -> list of dicts`` (torchvision Mask R-CNN, eval mode).
@@ -66,6 +69,9 @@ class SegmentOptions:
     mask_threshold: float = 0.5  # mask probability above which a pixel is part of the object
     min_pixels: int = 4  # objects (and mask speckles) smaller than this many model-grid pixels are dropped
     run_id: str | None = None  # None -> a fresh uuid4 hex
+    crs: str | None = None  # output CRS (EPSG:32616, WKT, PROJ); None -> the first input's CRS
+    scheduler: str | None = None  # None: this process; "local:N" or "tcp://HOST:PORT": a Dask cluster
+    block_tiles: int = 64  # tiles per cluster block (a scene with fewer tiles is one block)
 
 
 @dataclass
@@ -89,27 +95,37 @@ def segment(
     card: ModelCard | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
+    on_cluster: Callable[[str | None, int], None] | None = None,
 ) -> SegmentResult:
     """Segment object instances in rasters and write them as polygons to a GeoPackage.
 
-    Everything a user can get wrong is checked before anything is written. The output layer ``instances``
-    holds MultiPolygons in the first input's CRS (other inputs' features are reprojected to it; rasters
+    Everything a user can get wrong is checked, on every input, before the model is loaded or a cluster is
+    started. The output layer ``instances`` holds MultiPolygons in ``options.crs`` or else the first input's
+    CRS (other inputs' features are reprojected to it; rasters
     without georeferencing give the pixel frame x = column, y = -row and no CRS) with fields ``class_id``,
     ``class_name``, ``score`` (0-1), ``area`` (CRS units squared), ``source`` (input file name), ``model``
     (card name and version) and ``run_id``. It is written incrementally to ``.NAME.tmp-PID.gpkg`` beside the
     output and renamed onto it only on success; on any error, cancel or interrupt that file is removed and the
     output path is left as it was.
 
+    With ``options.scheduler`` the tiles are predicted on a Dask cluster (:mod:`rs_engine.cluster`) and merged
+    here in plan order, so the features equal those of a run in this process.
+
     Args:
-        inputs: raster files, segmented one after the other into one layer.
+        inputs: raster files, folders of rasters, glob patterns or VRT mosaics (:func:`expand_inputs`),
+            segmented one after the other into one layer.
         output: GeoPackage path (``.gpkg``).
         options: run options; None -> defaults.
         predictor: ``predictor(list of (C, T, T) float32 normalised tensors) -> list of dicts`` with ``boxes``
             (K, 4), ``labels`` (K,) 1..num_classes, ``scores`` (K,) and ``masks`` (K, 1, T, T) probabilities,
             i.e. torchvision Mask R-CNN's eval-mode convention; None -> ``load_model(options.model)``.
         card: the model card that goes with ``predictor``; None -> read from ``options.model``.
-        progress: called as ``progress(done_tiles, total_tiles)`` from 0 to total.
-        cancel: when set, the run stops before the next batch and raises :class:`Cancelled`.
+        progress: called as ``progress(done_tiles, total_tiles)`` from 0 to total (counted in tiles across
+            all workers on a cluster, block by block).
+        cancel: when set, the run stops before the next batch (the cluster's work is cancelled) and raises
+            :class:`Cancelled`.
+        on_cluster: with ``options.scheduler``, called once connected as ``on_cluster(dashboard address or
+            None, worker threads)``.
 
     Raises:
         InputError: bad input file, option, model or output path (message names it).
@@ -119,6 +135,7 @@ def segment(
     options = options or SegmentOptions()
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
+    inputs = expand_inputs(inputs)
     if not inputs:
         raise InputError("no input raster given")
     _check_options(options)
@@ -129,34 +146,42 @@ def segment(
     overlap = options.overlap if options.overlap is not None else card.overlap
     score_threshold = options.score_threshold if options.score_threshold is not None else card.score_threshold
     _check_tiling(tile_size, overlap, score_threshold)
+    scheduler = None
+    if options.scheduler is not None:
+        from rs_engine import cluster  # Dask is an extra: imported only when asked for
+
+        scheduler = cluster.parse_scheduler(options.scheduler)
 
     # One GDAL environment for the whole run, its block cache bounded: the decimated nodata check and the tile
     # reads would otherwise fill GDAL's default cache (5% of RAM) and peak memory would grow with the raster.
-    with rasterio.Env(**_gdal_options()):
+    with rasterio.Env(**gdal_options()):
         sources: list[RasterSource] = []
         try:
-            sources = _open_sources(inputs, card, options)
+            sources = open_sources(inputs, card, options.bands, options.resample, options.extent)
+            crs = output_crs(options.crs, sources)
             _check_output(output, options.overwrite, [s.path for s in sources])
             for source in sources:
                 source.check_has_data()
             plans = [s.plan(tile_size, overlap) for s in sources]
-            if predictor is None:
-                predictor, card = load_model(options.model, _resolve_device(options.device))
-                # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each detection
-                # (200 x T x T floats per tile otherwise).
-                predictor.roi_heads.score_thresh = max(predictor.roi_heads.score_thresh, score_threshold)
-            run = _Run(
-                sources=sources,
-                plans=plans,
-                predictor=predictor,
-                card=card,
-                options=options,
-                score_threshold=score_threshold,
-                run_id=options.run_id or uuid.uuid4().hex,
-                progress=progress,
-                cancel=cancel,
-            )
-            features, skipped = run.write(output)
+            run = _Run(sources, plans, card, crs, options, options.run_id or uuid.uuid4().hex, progress)
+            # Every check is done: only now are the model loaded or the cluster started.
+            if scheduler is None:
+                if predictor is None:
+                    predictor, card = load_model(options.model, _resolve_device(options.device))
+                    run.card = card
+                    # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each
+                    # detection (200 x T x T floats per tile otherwise).
+                    predictor.roi_heads.score_thresh = max(predictor.roi_heads.score_thresh, score_threshold)
+                batches = _local_batches(sources, plans, predictor, score_threshold, options, cancel)
+                with contextlib.closing(batches):
+                    features, skipped = run.write(output, batches)
+            else:
+                with cluster.connect(scheduler, on_cluster) as client:
+                    batches = cluster.block_batches(
+                        client, sources, plans, predictor, score_threshold, options, run.run_id, cancel
+                    )
+                    with contextlib.closing(batches):  # cancels the blocks still out on any error
+                        features, skipped = run.write(output, batches)
         finally:
             for source in sources:
                 source.close()
@@ -164,6 +189,70 @@ def segment(
     total = sum(len(p) for p in plans)
     log.info("wrote %d objects from %d tiles to %s in %.1f s", features, total, output, seconds)
     return SegmentResult(output, features, total, seconds, skipped, run.run_id, run.crs_wkt)
+
+
+@dataclass
+class TileBatch:
+    """Consecutive tiles of one input's plan, predicted: what the merger takes, in plan order.
+
+    Attributes:
+        source: index of the input in the run.
+        tiles: the tiles, consecutive in the plan (row-major).
+        instances: per tile, its :class:`Instance` s (empty for tiles skipped as all-nodata).
+        skipped: tiles not predicted because they hold no valid pixel.
+    """
+
+    source: int
+    tiles: Sequence[Tile]
+    instances: list[list[Instance]]
+    skipped: int
+
+
+def predict_tiles(
+    source: RasterSource,
+    tiles: Sequence[Tile],
+    predictor: Predictor,
+    score_threshold: float,
+    options: SegmentOptions,
+) -> tuple[list[list[Instance]], int]:
+    """Read, predict and vectorise ``tiles`` of ``source`` in one forward pass (the step the cluster's workers
+    run too); tiles without a valid pixel are not predicted.
+
+    Returns:
+        Per tile its instances in grid pixels, and how many tiles were skipped.
+
+    Raises:
+        InputError: pixels that can't be read (corrupt or truncated file).
+        RuntimeError: the predictor returned a wrong number of results.
+    """
+    reads = [source.read_tile(tile) for tile in tiles]
+    todo = [i for i, (_, valid) in enumerate(reads) if valid.any()]  # skip all-nodata tiles
+    outputs = _predict(predictor, [reads[i][0] for i in todo])
+    by_tile = dict(zip(todo, outputs, strict=True))
+    instances = [
+        tile_instances(by_tile[i], tile, reads[i][1], score_threshold, options.mask_threshold, options.min_pixels)
+        if i in by_tile
+        else []
+        for i, tile in enumerate(tiles)
+    ]
+    return instances, len(tiles) - len(todo)
+
+
+def _local_batches(
+    sources: Sequence[RasterSource],
+    plans: Sequence[TilePlan],
+    predictor: Predictor,
+    score_threshold: float,
+    options: SegmentOptions,
+    cancel: threading.Event | None,
+) -> Iterator[TileBatch]:
+    """Predict in this process, ``options.batch_size`` tiles at a time, checking ``cancel`` before each."""
+    for k, (source, plan) in enumerate(zip(sources, plans, strict=True)):
+        for batch in _batched(plan.tiles, options.batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled")
+            instances, skipped = predict_tiles(source, batch, predictor, score_threshold, options)
+            yield TileBatch(k, batch, instances, skipped)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -175,7 +264,8 @@ def segment(
 GDAL_CACHE_MB = 256
 
 
-def _gdal_options() -> dict[str, Any]:
+def gdal_options() -> dict[str, Any]:
+    """The GDAL settings of a run (``rasterio.Env(**gdal_options())``): a bounded block cache."""
     return {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": GDAL_CACHE_MB}
 
 
@@ -188,6 +278,8 @@ def _check_options(options: SegmentOptions) -> None:
         raise InputError(f"--simplify {options.simplify}: must be 0 or a positive distance in map units")
     if options.min_pixels < 1:
         raise InputError(f"--min-pixels {options.min_pixels}: must be at least 1")
+    if options.block_tiles < 1:
+        raise InputError(f"--block-tiles {options.block_tiles}: must be at least 1")
     extent = options.extent
     if extent is not None:
         if len(extent) != 4 or not all(math.isfinite(v) for v in extent):
@@ -226,59 +318,6 @@ def _check_output(output: Path, overwrite: bool, inputs: Sequence[Path]) -> None
             raise InputError(f"{output}: already exists (use --overwrite to replace it)")
 
 
-def _open_sources(
-    inputs: Sequence[str | Path], card: ModelCard, options: SegmentOptions
-) -> list[RasterSource]:
-    """Open and validate every input; apply ``--extent`` (given in the first input's CRS).
-
-    With several inputs, one the extent misses is skipped (with a warning); the extent must hit at least one.
-    Inputs must all have a CRS or all have none.
-
-    Raises:
-        InputError: as :class:`RasterSource`, mixed georeferenced and non-georeferenced inputs, or an extent
-            that lies outside every input.
-    """
-    sources: list[RasterSource] = []
-    try:
-        for path in inputs:
-            sources.append(RasterSource(path, card, options.bands, options.resample))
-        first = sources[0]
-        for source in sources[1:]:
-            if (source.crs is None) != (first.crs is None):
-                with_crs, without = (first, source) if source.crs is None else (source, first)
-                raise InputError(
-                    f"{without.path}: has no CRS but {with_crs.path} has one; segment them in separate runs"
-                )
-            if source.crs is not None and source.crs != first.crs:
-                log.warning("%s: CRS differs from %s; its objects are reprojected", source.name, first.name)
-        if options.extent is None:
-            return sources
-        kept, errors = [], []
-        for source in sources:
-            extent = options.extent
-            if source.crs is not None and source.crs != first.crs:
-                extent = transform_bounds(first.crs, source.crs, *extent, densify_pts=21)
-            try:
-                source.restrict(extent)
-                kept.append(source)
-            except ExtentError as exc:
-                if len(sources) == 1:
-                    raise
-                errors.append(source)
-                log.warning("%s", exc)
-        if not kept:
-            names = ", ".join(s.name for s in sources)
-            text = ",".join(f"{v:.10g}" for v in options.extent)
-            raise InputError(f"--extent {text}: lies outside every input ({names})")
-        for source in errors:
-            source.close()
-        return kept
-    except BaseException:
-        for source in sources:
-            source.close()
-        raise
-
-
 def _resolve_device(spec: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU.
 
@@ -299,35 +338,33 @@ def _resolve_device(spec: str) -> torch.device:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-@dataclass
 class _Run:
-    """One validated run: sources, plans and the predictor, written to one GeoPackage."""
+    """One validated run: merges predicted tile batches in plan order and writes them to one GeoPackage."""
 
-    sources: list[RasterSource]
-    plans: list[TilePlan]
-    predictor: Predictor
-    card: ModelCard
-    options: SegmentOptions
-    score_threshold: float
-    run_id: str
-    progress: Callable[[int, int], None] | None
-    cancel: threading.Event | None
-
-    @property
-    def crs(self) -> CRS | None:
-        return self.sources[0].crs
+    def __init__(
+        self,
+        sources: list[RasterSource],
+        plans: list[TilePlan],
+        card: ModelCard,
+        crs: CRS | None,
+        options: SegmentOptions,
+        run_id: str,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.sources, self.plans, self.card, self.crs = sources, plans, card, crs
+        self.options, self.run_id, self.progress = options, run_id, progress
 
     @property
     def crs_wkt(self) -> str | None:
         return self.crs.to_wkt() if self.crs is not None else None
 
-    def write(self, output: Path) -> tuple[int, int]:
-        """Predict every tile and write the objects; returns (features written, tiles skipped)."""
+    def write(self, output: Path, batches: Iterator[TileBatch]) -> tuple[int, int]:
+        """Merge and write every batch; returns (features written, tiles skipped)."""
         temp = output.absolute().parent / f".{output.name}.tmp-{os.getpid()}.gpkg"
-        writer = _GpkgWriter(temp, self.crs_wkt)
+        writer = GpkgWriter(temp, self.crs_wkt)
         try:
             writer.create()
-            features, skipped = self._predict_all(writer)
+            features, skipped = self._merge_all(batches, writer)
             os.replace(temp, output)
         except BaseException:
             # Errors, Cancelled, KeyboardInterrupt (and SIGTERM, which the CLI turns into one): no trace.
@@ -335,48 +372,30 @@ class _Run:
             raise
         return features, skipped
 
-    def _predict_all(self, writer: _GpkgWriter) -> tuple[int, int]:
+    def _merge_all(self, batches: Iterator[TileBatch], writer: GpkgWriter) -> tuple[int, int]:
         total = sum(len(p) for p in self.plans)
         done = skipped = features = 0
-        device = _device_of(self.predictor)
+        merger, current = None, -1
         if self.progress:
             self.progress(0, total)
-        for source, plan in zip(self.sources, self.plans, strict=True):
-            merger = TileMerger(plan, min_pixels=self.options.min_pixels)
-            for batch in _batched(plan.tiles, self.options.batch_size):
-                if self.cancel is not None and self.cancel.is_set():
-                    raise Cancelled("cancelled")
-                reads = [source.read_tile(tile) for tile in batch]
-                todo = [i for i, (_, valid) in enumerate(reads) if valid.any()]  # skip all-nodata tiles
-                predictions = self._predict([reads[i][0] for i in todo], device)
-                by_tile: dict[int, dict[str, Any]] = dict(zip(todo, predictions, strict=True))
-                for i, tile in enumerate(batch):
-                    instances = []
-                    if i in by_tile:
-                        instances = tile_instances(
-                            by_tile[i],
-                            tile,
-                            reads[i][1],
-                            self.score_threshold,
-                            self.options.mask_threshold,
-                            self.options.min_pixels,
-                        )
-                    features += writer.write(self._rows(merger.add(tile, instances), source))
-                skipped += len(batch) - len(todo)
-                done += len(batch)
-                if self.progress:
-                    self.progress(done, total)
-            features += writer.write(self._rows(merger.finish(), source))
+        for batch in batches:
+            if batch.source != current:
+                if merger is not None:
+                    features += writer.write(self._rows(merger.finish(), self.sources[current]))
+                current = batch.source
+                merger = TileMerger(self.plans[current], min_pixels=self.options.min_pixels)
+            source = self.sources[current]
+            for tile, instances in zip(batch.tiles, batch.instances, strict=True):
+                features += writer.write(self._rows(merger.add(tile, instances), source))
+            skipped += batch.skipped
+            done += len(batch.tiles)
+            if self.progress:
+                self.progress(done, total)
+        if done != total:
+            raise RuntimeError(f"{done} of {total} tiles were predicted")
+        if merger is not None:
+            features += writer.write(self._rows(merger.finish(), self.sources[current]))
         return features, skipped
-
-    def _predict(self, images: list[np.ndarray], device: torch.device) -> list[dict[str, Any]]:
-        if not images:
-            return []
-        with torch.inference_mode():
-            outputs = self.predictor([torch.from_numpy(image).to(device) for image in images])
-        if len(outputs) != len(images):
-            raise RuntimeError(f"predictor returned {len(outputs)} results for {len(images)} tiles")
-        return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()} for out in outputs]
 
     def _rows(self, objects: list[MergedObject], source: RasterSource) -> list[tuple]:
         """Objects in grid pixels -> rows (WKB MultiPolygon in the output CRS, then the fields in order)."""
@@ -408,6 +427,17 @@ class _Run:
         return rows
 
 
+def _predict(predictor: Predictor, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    if not images:
+        return []
+    device = _device_of(predictor)
+    with torch.inference_mode():
+        outputs = predictor([torch.from_numpy(image).to(device) for image in images])
+    if len(outputs) != len(images):
+        raise RuntimeError(f"predictor returned {len(outputs)} results for {len(images)} tiles")
+    return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()} for out in outputs]
+
+
 def _device_of(predictor: Predictor) -> torch.device:
     """Where the predictor's weights live (CPU for plain callables)."""
     if isinstance(predictor, torch.nn.Module):
@@ -420,44 +450,3 @@ def _device_of(predictor: Predictor) -> torch.device:
 def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-class _GpkgWriter:
-    """Appends features to the ``instances`` layer of a GeoPackage (pyogrio), batch by batch."""
-
-    def __init__(self, path: Path, crs_wkt: str | None) -> None:
-        self.path = path
-        self.crs_wkt = crs_wkt
-
-    def _write(self, rows: list[tuple], append: bool) -> None:
-        columns = list(zip(*rows, strict=True)) if rows else [[] for _ in range(len(FIELDS) + 1)]
-        dtypes = [np.int32, object, np.float64, np.float64, object, object, object]
-        field_data = [np.asarray(col, dtype=dtype) for col, dtype in zip(columns[1:], dtypes, strict=True)]
-        with warnings.catch_warnings():
-            # No CRS is intended for rasters without georeferencing (QGIS pixel frame).
-            warnings.filterwarnings("ignore", message="'crs' was not provided")
-            ogr_raw.write(
-                str(self.path),
-                geometry=np.asarray(columns[0], dtype=object),
-                field_data=field_data,
-                fields=FIELDS,
-                layer=LAYER,
-                driver="GPKG",
-                geometry_type="MultiPolygon",
-                crs=self.crs_wkt,
-                append=append,
-            )
-
-    def create(self) -> None:
-        """Create the file with an empty layer (schema and CRS), so a run with no objects still gives one."""
-        self.discard()  # a stale temp file of a crashed run with the same process id
-        self._write([], append=False)
-
-    def write(self, rows: list[tuple]) -> int:
-        if rows:
-            self._write(rows, append=True)
-        return len(rows)
-
-    def discard(self) -> None:
-        for suffix in ("", "-journal", "-wal", "-shm"):
-            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
