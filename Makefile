@@ -51,6 +51,7 @@ bench: venv
 	$(PY) bench/scan.py $(BENCH_FLAGS) --out bench/results
 	$(PY) bench/backbones.py $(BENCH_FLAGS) --out bench/results
 	$(PY) bench/end_to_end.py $(BENCH_FLAGS) --out bench/results
+	$(PY) bench/cluster.py $(BENCH_FLAGS) --out bench/results
 
 lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra train --extra cluster --python-version 3.11 \

@@ -52,3 +52,15 @@ def test_end_to_end_bench_quick(tmp_path) -> None:
     assert all(e["rc"] == 0 and e["mpx_per_s"] > 0 and e["peak_rss_mb"] > 100 for e in rec["e2e"] + rec["stream"])
     assert [s["side"] for s in rec["stream"]] == [256, 512]
     assert rec["machine"]["matmul_gflops"] > 0 and rec["machine"]["read"]["warm_mbps"] > 0
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared/data/nwpu_vhr10").is_dir(), reason="../shared/data not present")
+def test_cluster_bench_quick(tmp_path) -> None:
+    pytest.importorskip("distributed")
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cluster.py"), "--quick", "--out", str(tmp_path), "--data",
+                        str(tmp_path / "data")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "cluster.json").read_text())
+    assert [run["run"] for run in rec["runs"]] == ["one process, 2 threads", "local:2"]
+    assert all(run["rc"] == 0 and run["mpx_per_s"] > 0 and run["peak_rss_mb"] > 100 for run in rec["runs"])
+    assert rec["same_objects"] and len(rec["runs"][1]["worker_peak_rss_mb"]) == 2
