@@ -13,7 +13,8 @@ one seed each), segmented whole by the default model in two fresh processes, one
 
 Each run is timed whole (start-up, cluster start, model loading, reading, inference, merging, writing): Mpx/s and
 the speed-up of 2 over 1. Peak memory: the command's process and each worker process (RSS sampled every 0.2 s
-with psutil; the highest sample). Both runs must give the same number of objects.
+with psutil; the highest sample); the command's CPU seconds (with a cluster: start-up, scheduling, merging and
+writing, the client's share of the work). Both runs must give the same number of objects.
 
 Writes ``cluster.json`` and ``cluster.md`` into ``--out``.
 """
@@ -21,6 +22,7 @@ Writes ``cluster.json`` and ``cluster.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,6 +43,7 @@ class ChildSampler:
 
         self._me, self._period = psutil.Process(), period
         self.command = 0.0
+        self.command_cpu_s = 0.0  # user + system CPU seconds of the command, at its last sample
         self.workers: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -57,6 +60,9 @@ class ChildSampler:
                     continue
                 if "rs_engine.cli" in cmd:
                     self.command = max(self.command, rss)
+                    with contextlib.suppress(psutil.Error):
+                        times = child.cpu_times()
+                        self.command_cpu_s = times.user + times.system
                 elif "spawn_main" in cmd:  # a multiprocessing child: a Dask nanny or worker
                     self.workers[child.pid] = max(self.workers.get(child.pid, 0.0), rss)
             self._stop.wait(self._period)
@@ -83,6 +89,7 @@ def run(folder: Path, out: Path, model: str, workers: int, scheduler: bool, bloc
     done = last_json(r["stdout"]) or {}
     rec = {"run": f"local:{workers}" if scheduler else f"one process, {workers} threads", "loadavg_1min": load,
            "seconds": round(r["seconds"], 1), "rc": r["rc"], "peak_rss_mb": round(sampler.command),
+           "command_cpu_s": round(sampler.command_cpu_s, 1),
            # nannies stay small (~100 MB): the workers are the processes that load the model
            "worker_peak_rss_mb": sorted(round(v) for v in sampler.workers.values() if v > 200)}  # fmt: skip
     if r["rc"] == 0:
@@ -134,13 +141,14 @@ def _table(rec: dict) -> str:
         f"`{rec['model']}`, blocks of {rec['block_tiles']} tiles; {m['cpu']}, {m['cores']} cores, load average "
         f"{m['loadavg_1min']} at the start.",
         "",
-        "| run | seconds | Mpx/s | objects | peak RSS, command (MB) | peak RSS per worker (MB) | load avg |",
-        "|---|---|---|---|---|---|---|",
+        "| run | seconds | Mpx/s | objects | command CPU s | peak RSS, command (MB) | peak RSS per worker (MB) "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rec["runs"]:
         workers = ", ".join(str(v) for v in r["worker_peak_rss_mb"]) or "-"
         lines.append(f"| {r['run']} | {r['seconds']} | {r.get('mpx_per_s', r.get('error'))} | {r.get('objects')} | "
-                     f"{r['peak_rss_mb']} | {workers} | {r['loadavg_1min']} |")  # fmt: skip
+                     f"{r['command_cpu_s']} | {r['peak_rss_mb']} | {workers} | {r['loadavg_1min']} |")  # fmt: skip
     if "speedup" in rec:
         lines += ["", f"Speed-up of the cluster over one process: {rec['speedup']}x; same objects: "
                       f"{rec['same_objects']}."]  # fmt: skip

@@ -3,7 +3,7 @@
 Raster file -> windows (:mod:`rs_engine.raster`) -> tensors -> model -> masks -> polygons
 (:mod:`rs_engine.postprocess`) -> GeoPackage layer ``instances``, written incrementally to a temp file beside
 the output and renamed onto it only when the run succeeds. Prediction runs here (:func:`predict_tiles`, batch by
-batch) or on the blocks of a Dask cluster (:mod:`rs_engine.cluster`); merging and writing always run here, in
+batch) or on the blocks of a Dask cluster (:mod:`rs_engine.distributed`); merging and writing always run here, in
 plan order, so both give the same features.
 """
 
@@ -108,7 +108,7 @@ def segment(
     output and renamed onto it only on success; on any error, cancel or interrupt that file is removed and the
     output path is left as it was.
 
-    With ``options.scheduler`` the tiles are predicted on a Dask cluster (:mod:`rs_engine.cluster`) and merged
+    With ``options.scheduler`` the tiles are predicted on a Dask cluster (:mod:`rs_engine.distributed`) and merged
     here in plan order, so the features equal those of a run in this process.
 
     Args:
@@ -148,9 +148,9 @@ def segment(
     _check_tiling(tile_size, overlap, score_threshold)
     scheduler = None
     if options.scheduler is not None:
-        from rs_engine import cluster  # Dask is an extra: imported only when asked for
+        from rs_engine import distributed  # Dask is an extra: imported only when asked for
 
-        scheduler = cluster.parse_scheduler(options.scheduler)
+        scheduler = distributed.parse_scheduler(options.scheduler)
 
     # One GDAL environment for the whole run, its block cache bounded: the decimated nodata check and the tile
     # reads would otherwise fill GDAL's default cache (5% of RAM) and peak memory would grow with the raster.
@@ -176,8 +176,8 @@ def segment(
                 with contextlib.closing(batches):
                     features, skipped = run.write(output, batches)
             else:
-                with cluster.connect(scheduler, on_cluster) as client:
-                    batches = cluster.block_batches(
+                with distributed.connect(scheduler, on_cluster) as client:
+                    batches = distributed.block_batches(
                         client, sources, plans, predictor, score_threshold, options, run.run_id, cancel
                     )
                     with contextlib.closing(batches):  # cancels the blocks still out on any error

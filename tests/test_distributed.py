@@ -23,7 +23,7 @@ import shapely
 from affine import Affine
 from test_merge import Scene
 
-import rs_engine.cluster as rs_cluster
+import rs_engine.distributed as rs_cluster
 from rs_engine.errors import InputError
 from rs_engine.segment import Cancelled, SegmentOptions, segment
 
