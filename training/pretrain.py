@@ -18,12 +18,10 @@ Three parts, one place each:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -36,16 +34,8 @@ from torch import Tensor, nn
 
 from rs_engine.errors import InputError
 from training import distributed
-from training.train import (
-    TrainConfig,
-    _load_resume,
-    _save_resume,
-    adamw,
-    adapt_input_conv,
-    ddp_wrap,
-    epoch_sampler,
-    lr_at,
-)
+from training.loop import Task, run_loop
+from training.train import TrainConfig, adapt_input_conv
 
 log = logging.getLogger(__name__)
 
@@ -326,95 +316,19 @@ def run_pretraining(objective: nn.Module, dataset: torch.utils.data.Dataset, out
 
 def _run(objective: nn.Module, dataset: torch.utils.data.Dataset, out: Path, cfg: TrainConfig, save: SaveFn,
          d: distributed.Dist, progress: Callable | None) -> dict[str, Any]:
-    resume_path = out.with_suffix(".resume.safetensors")
-    log_path = out.with_suffix(".log.csv")
     objective.to(d.device)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    opt = adamw(params, cfg)
-    sampler, steps_per_epoch = epoch_sampler(len(dataset), cfg, d)
-    total = cfg.epochs * steps_per_epoch
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "seconds": 0.0, "last": {}}
-    if resume_path.exists():
-        state = {**state, **_load_resume(resume_path, objective, opt)}
-        log.info("resumed from %s at epoch %d step %d", resume_path, state["epoch"], state["step"])
-    net = ddp_wrap(objective, d)
-    use_amp = d.device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start = time.monotonic() - state["seconds"]
-    last_ckpt = time.monotonic()
-    stop = False
-    fh = open(log_path, "a", newline="") if d.main else None  # noqa: SIM115 (closed in finally)
-    try:
-        while state["epoch"] < cfg.epochs and not stop:
-            epoch = state["epoch"]
-            first = state["step"] - epoch * steps_per_epoch
-            sampler.set_epoch(epoch, first)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                                                 collate_fn=_collate, num_workers=cfg.num_workers, drop_last=True)
-            net.train()
-            sums: dict[str, float] = {}
-            n = 0
-            for batch in loader:
-                batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
-                lr = lr_at(state["step"], total, cfg, time.monotonic() - start)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with torch.autocast("cuda", enabled=use_amp):
-                    loss, logs = net(batch)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-                scaler.step(opt)
-                scaler.update()
-                state["step"] += 1
-                n += 1
-                for k, v in {"loss": float(loss.detach()), **logs}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                state["seconds"] = time.monotonic() - start
-                if d.main:
-                    if progress:
-                        progress({"event": "progress", "epoch": epoch + 1, "epochs": cfg.epochs, "done": first + n,
-                                  "total": steps_per_epoch, "loss": round(sums["loss"] / n, 4)})
-                    if state["step"] % 20 == 0:
-                        log.info("epoch %d step %d lr %.2e %s", epoch, state["step"], lr,
-                                 " ".join(f"{k} {v / n:.4f}" for k, v in sums.items()))
-                    if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
-                        _save_resume(resume_path, objective, opt, state)
-                        last_ckpt = time.monotonic()
-                over = bool(cfg.max_minutes and state["seconds"] > cfg.max_minutes * 60)
-                if distributed.broadcast_flag(d, over):
-                    stop = True
-                    break
-            means = {k: round(distributed.all_mean(d, v / max(n, 1)), 5) for k, v in sums.items()}
-            if not stop:
-                state["epoch"] += 1
-            state["last"] = means
-            if d.main:
-                save(out, objective, state)
-                _save_resume(resume_path, objective, opt, state)
-                last_ckpt = time.monotonic()
-                writer = csv.writer(fh)
-                if fh.tell() == 0:
-                    writer.writerow(["epoch", "step", "lr", "minutes", *means])
-                done = state["epoch"] + (round((first + n) / steps_per_epoch, 2) if stop else 0)
-                writer.writerow([done, state["step"], f"{lr_at(state['step'], total, cfg, state['seconds']):.3g}",
-                                 f"{state['seconds'] / 60:.1f}", *means.values()])
-                fh.flush()
-                if progress:
-                    progress({"event": "epoch", "epoch": state["epoch"], "minutes": round(state["seconds"] / 60, 2),
-                              **means})
-            if stop:
-                log.info("time budget of %.0f min reached; re-run to continue", cfg.max_minutes)
-            distributed.barrier(d)
-    except KeyboardInterrupt:
-        if d.main and state["step"] > 0:
-            _save_resume(resume_path, objective, opt, state)
-            log.info("interrupted at step %d; state saved to %s", state["step"], resume_path)
-        raise
-    finally:
-        if fh:
-            fh.close()
+
+    def end_epoch(state: dict[str, Any], means: dict[str, float], stopped: bool) -> dict[str, Any]:
+        save(out, objective, state)
+        return dict(state["last"])
+
+    task = Task(
+        net=objective, step=lambda net, batch: net(batch), modules={"model": objective},
+        params=[p for p in objective.parameters() if p.requires_grad], collate=_collate,
+        to_device=lambda batch, device: {k: v.to(device, non_blocking=True) for k, v in batch.items()},
+        end_epoch=end_epoch,
+    )  # fmt: skip
+    state = run_loop(task, dataset, out, cfg, d, progress)
     last = state["last"]
     return {"epochs": state["epoch"], "steps": state["step"], "minutes": round(state["seconds"] / 60, 2),
             **({k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))})}

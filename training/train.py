@@ -1,6 +1,7 @@
-"""Training loop for Mask R-CNN models: AdamW, linear warm-up + cosine decay, gradient clipping, mixed precision
-on CUDA, freezing (backbone or its first stages), early stopping on validation mask AP, periodic checkpoints that a
-re-run of the same command resumes from (mid-epoch, at the same batch), CSV log + PNG curves, progress events, and
+"""Training of Mask R-CNN models (``rs-train train`` and ``finetune``) as a task of the one loop
+(:mod:`training.loop`): AdamW, linear warm-up + cosine decay, gradient clipping, mixed precision on CUDA, freezing
+(backbone or its first stages), early stopping on validation mask AP, periodic checkpoints that a re-run of the same
+command resumes from (mid-epoch, at the same batch), CSV log + PNG curves, progress events, and
 DistributedDataParallel when launched by torchrun (:mod:`training.distributed`).
 
 The resume state (weights, optimizer moments, step, epoch, best AP) is a safetensors file plus JSON metadata beside
@@ -11,23 +12,20 @@ finished command does nothing, re-running it with more epochs continues with the
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from rs_engine.checkpoint import ModelCard, save_model
 from training import distributed
 from training.distributed import Dist
+from training.loop import Task, run_loop
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +171,6 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return (self.batches_per_epoch() - self.start) * self.batch_size
 
 
-def _seed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    if info is not None and hasattr(info.dataset, "rng"):
-        info.dataset.rng = np.random.default_rng(torch.initial_seed() % 2**63)
-
-
 def train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.Dataset, out: Path,
           cfg: TrainConfig, evaluate: Callable[[torch.nn.Module], dict] | None = None, device: str = "cpu",
           progress: ProgressFn | None = None, extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
@@ -210,134 +202,60 @@ def train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.D
 def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.Dataset, out: Path,
            cfg: TrainConfig, evaluate: Callable | None, d: Dist, progress: ProgressFn | None,
            extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
-    resume_path = out.with_suffix(".resume.safetensors")
-    log_path = out.with_suffix(".log.csv")
-    device = d.device
-    model.to(device)
+    model.to(d.device)
     if (n := apply_freeze(model, cfg)):
         log.info("froze %d parameter tensors (%s)", n, ", ".join(frozen_prefixes(model, cfg)))
     params = [p for p in model.parameters() if p.requires_grad]
     extra = extra_loss if isinstance(extra_loss, torch.nn.Module) else None
-    extra_params = [p for p in extra.to(device).parameters() if p.requires_grad] if extra is not None else []
-    params += extra_params
-    opt = adamw(params, cfg)
-    sampler, steps_per_epoch = epoch_sampler(len(train_set), cfg, d)
-    total_steps = cfg.epochs * steps_per_epoch
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_ap": -1.0, "best_epoch": 0, "seconds": 0.0,
-                             "metrics": {}}
-    if resume_path.exists():
-        state = {**state, **_load_resume(resume_path, model, opt, extra)}
-        log.info("resumed from %s at epoch %d step %d", resume_path, state["epoch"], state["step"])
-    # Mask R-CNN leaves the mask head unused on batches without positives: find_unused_parameters.
-    net = ddp_wrap(model, d, find_unused_parameters=True)
-    use_amp = device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start = time.monotonic() - state["seconds"]
-    last_ckpt = time.monotonic()
-    stop = False
-    fh = open(log_path, "a", newline="") if d.main else None  # noqa: SIM115 (closed in finally)
-    try:
-        writer = csv.writer(fh) if fh else None
-        if writer and fh.tell() == 0:
-            writer.writerow(["epoch", "step", "lr", "loss", "mask_ap", "box_ap", "minutes"])
-        while state["epoch"] < cfg.epochs and not stop:
-            epoch = state["epoch"]
-            first = state["step"] - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-            sampler.set_epoch(epoch, first)
-            if hasattr(train_set, "rng"):
-                train_set.rng = np.random.default_rng([cfg.seed, d.rank, epoch, first])
-            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                                 collate_fn=collate, num_workers=cfg.num_workers,
-                                                 worker_init_fn=_seed_worker, drop_last=True)
-            net.train()
-            running, n = 0.0, 0
-            lr = lr_at(state["step"], total_steps, cfg, state["seconds"])
-            for images, targets in loader:
-                images = [i.to(device, non_blocking=True) for i in images]
-                targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-                # DDP ranks step in lockstep, so their clocks (time-based decay) agree to within a step.
-                lr = lr_at(state["step"], total_steps, cfg, time.monotonic() - start)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with torch.autocast("cuda", enabled=use_amp):
-                    losses = net(images, targets)
-                    loss = sum(losses.values())
-                    if extra_loss is not None:
-                        loss = loss + extra_loss(model, images)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                distributed.average_grads(d, extra_params)  # outside DDP's wrapper: average them here
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-                scaler.step(opt)
-                scaler.update()
-                state["step"] += 1
-                running += float(loss.detach())
-                n += 1
-                state["seconds"] = time.monotonic() - start
-                if d.main:
-                    if progress:
-                        progress({"event": "progress", "epoch": epoch + 1, "epochs": cfg.epochs,
-                                  "done": first + n, "total": steps_per_epoch, "loss": round(running / n, 4)})
-                    if state["step"] % 20 == 0:
-                        log.info("epoch %d step %d lr %.2e loss %.3f", epoch, state["step"], lr, running / n)
-                    if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
-                        _save_resume(resume_path, model, opt, state, extra)
-                        last_ckpt = time.monotonic()
-                over_time = bool(cfg.max_minutes and state["seconds"] > cfg.max_minutes * 60)
-                if distributed.broadcast_flag(d, over_time):
-                    stop = True
-                    break
-            epoch_loss = distributed.all_mean(d, running / max(n, 1))
-            if not stop:
-                state["epoch"] += 1
-            ap = box = float("nan")
-            last = state["epoch"] == cfg.epochs or stop
-            if d.main:
-                if evaluate is not None and (state["epoch"] % cfg.eval_every == 0 or last) and not stop:
-                    metrics = evaluate(model)
-                    model.train()
-                    ap, box = metrics["segm"]["AP"], metrics["bbox"]["AP"]
-                    if ap > state["best_ap"]:
-                        state["best_ap"], state["best_epoch"], state["metrics"] = ap, state["epoch"], metrics
-                        _write_model(out, model, card, state, cfg)
-                elif evaluate is None:
-                    _write_model(out, model, card, state, cfg)
-                # A run stopped by its time budget logs the fraction of the epoch it did (e.g. 16.12).
-                done = state["epoch"] + (round((first + n) / steps_per_epoch, 2) if stop else 0)
-                writer.writerow([done, state["step"], f"{lr:.3g}", f"{epoch_loss:.4f}", ap, box,
-                                 f"{state['seconds'] / 60:.1f}"])
-                fh.flush()
-                _save_resume(resume_path, model, opt, state, extra)
-                last_ckpt = time.monotonic()
-                try:
-                    plot_curves(log_path, out.with_suffix(".curves.png"))
-                except (OSError, ValueError, KeyError) as exc:  # a convenience: never stop training for it
-                    log.warning("could not plot %s: %s", log_path, exc)
-                if progress:
-                    progress({"event": "epoch", "epoch": state["epoch"], "loss": round(epoch_loss, 4),
-                              "mask_ap": None if math.isnan(ap) else ap, "box_ap": None if math.isnan(box) else box,
-                              "minutes": round(state["seconds"] / 60, 2)})
-            if stop:
-                log.info("time budget of %.0f min reached; re-run to continue", cfg.max_minutes)
-            patience_over = bool(cfg.patience and evaluate is not None
-                                 and state["epoch"] - state["best_epoch"] >= cfg.patience * cfg.eval_every)
-            if distributed.broadcast_flag(d, patience_over) and not stop:
-                log.info("early stop: no mask AP gain for %d evaluations (best %.2f at epoch %d)",
-                         cfg.patience, state["best_ap"], state["best_epoch"])
-                break
-            distributed.barrier(d)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI maps it): keep the progress for a re-run
-        if d.main and state["step"] > 0:
-            _save_resume(resume_path, model, opt, state, extra)
-            log.info("interrupted at step %d; state saved to %s", state["step"], resume_path)
-        raise
-    finally:
-        if fh:
-            fh.close()
+    extra_params = [p for p in extra.to(d.device).parameters() if p.requires_grad] if extra is not None else []
+
+    def step(net: torch.nn.Module, batch: tuple[list, list]) -> tuple[torch.Tensor, dict[str, float]]:
+        images, targets = batch
+        loss = sum(net(images, targets).values())
+        if extra_loss is not None:
+            loss = loss + extra_loss(model, images)
+        return loss, {}
+
+    def end_epoch(state: dict[str, Any], means: dict[str, float], stopped: bool) -> dict[str, Any]:
+        ap = box = float("nan")
+        last = state["epoch"] == cfg.epochs or stopped
+        if evaluate is not None and (state["epoch"] % cfg.eval_every == 0 or last) and not stopped:
+            metrics = evaluate(model)
+            model.train()
+            ap, box = metrics["segm"]["AP"], metrics["bbox"]["AP"]
+            if ap > state["best_ap"]:
+                state["best_ap"], state["best_epoch"], state["metrics"] = ap, state["epoch"], metrics
+                _write_model(out, model, card, state, cfg)
+        elif evaluate is None:
+            _write_model(out, model, card, state, cfg)
+        return {"loss": round(means.get("loss", float("nan")), 4), "mask_ap": ap, "box_ap": box}
+
+    def stop_early(state: dict[str, Any]) -> bool:
+        over = bool(cfg.patience and evaluate is not None
+                    and state["epoch"] - state["best_epoch"] >= cfg.patience * cfg.eval_every)  # fmt: skip
+        if over:
+            log.info("early stop: no mask AP gain for %d evaluations (best %.2f at epoch %d)", cfg.patience,
+                     state["best_ap"], state["best_epoch"])  # fmt: skip
+        return over
+
+    task = Task(
+        net=model, step=step, modules={"model": model, **({"extra": extra} if extra is not None else {})},
+        params=params + extra_params, collate=collate, to_device=_to_device, end_epoch=end_epoch,
+        hand_synced=extra_params,  # outside DDP's wrapper: the loop averages them
+        state={"best_ap": -1.0, "best_epoch": 0, "metrics": {}}, stop_early=stop_early,
+        find_unused_parameters=True,  # Mask R-CNN leaves the mask head unused on batches without positives
+        plot=lambda log_csv: plot_curves(log_csv, out.with_suffix(".curves.png")),
+    )  # fmt: skip
+    state = run_loop(task, train_set, out, cfg, d, progress)
     if d.main and evaluate is not None and not out.exists():
         _write_model(out, model, card, state, cfg)  # no evaluation happened (time budget): keep the weights
     return state["metrics"]
+
+
+def _to_device(batch: tuple[list, list], device: str) -> tuple[list, list]:
+    images, targets = batch
+    return ([i.to(device, non_blocking=True) for i in images],
+            [{k: v.to(device) for k, v in t.items()} for t in targets])  # fmt: skip
 
 
 def _write_model(out: Path, model: torch.nn.Module, card: ModelCard, state: dict, cfg: TrainConfig) -> None:
@@ -384,41 +302,6 @@ def plot_curves(log_csv: Path, png: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, png)
-
-
-def _save_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict,
-                 extra: torch.nn.Module | None = None) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if extra is not None:
-        tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in extra.state_dict().items()})
-    opt_state = opt.state_dict()
-    for pid, st in opt_state["state"].items():
-        for k, v in st.items():
-            tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
-    meta = {"state": json.dumps(state), "param_groups": json.dumps(groups)}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
-def _load_resume(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 extra: torch.nn.Module | None = None) -> dict:
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if extra is not None:
-        extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
-    opt_state: dict[str, Any] = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(pid), {})[name] = v.to(next(model.parameters()).device)
-    opt.load_state_dict(opt_state)
-    return json.loads(meta["state"])
 
 
 def init_from(model: torch.nn.Module, source: str | Path, same_classes: bool = True) -> dict[str, Any]:
