@@ -201,12 +201,21 @@ def test_many_inputs_vrt_mosaic_and_crs(cluster, write_raster, make_card, predic
     assert -88 < lon < -86 and 36 < lat < 37  # UTM 16N, 500 km E, 4000 km N
 
 
-def test_folder_and_glob_errors(tmp_path, make_card):
-    (tmp_path / "notes.txt").write_text("x")
+def test_folder_glob_and_crs_errors(tmp_path, write_raster, make_card):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="no raster files"):
-        segment([tmp_path], tmp_path / "o.gpkg", SegmentOptions(), card=make_card())
+        segment([folder], tmp_path / "o.gpkg", SegmentOptions(), card=make_card())
     with pytest.raises(InputError, match="matches no file"):
-        segment([str(tmp_path / "*.tif")], tmp_path / "o.gpkg", SegmentOptions(), card=make_card())
+        segment([str(folder / "*.tif")], tmp_path / "o.gpkg", SegmentOptions(), card=make_card())
+    raster = write_raster(np.full((64, 64), 10, np.uint8))
+    with pytest.raises(InputError, match="EPSG:999999: not a CRS"):
+        segment([raster], tmp_path / "o.gpkg", SegmentOptions(crs="EPSG:999999"), card=make_card())
+    plain = write_raster(np.full((64, 64), 10, np.uint8), name="plain.tif", transform=None, crs=None)
+    with pytest.raises(InputError, match="no CRS to reproject from"):
+        segment([plain], tmp_path / "o.gpkg", SegmentOptions(crs="EPSG:4326"), card=make_card())
+    assert not (tmp_path / "o.gpkg").exists()
 
 
 def test_cli_local_cluster_real_model_and_sigterm(tmp_path):
