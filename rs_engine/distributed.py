@@ -25,6 +25,7 @@ GDAL virtual path such as ``/vsis3/...``); a bundled model name is resolved on e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -32,6 +33,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import rasterio
 import torch
@@ -146,7 +148,8 @@ class SourceSpec:
 
     @classmethod
     def of(cls, source: RasterSource, resample: bool) -> SourceSpec:
-        return cls(str(source.path), source.card, tuple(source.bands), resample, source.grid)
+        # Absolute, so that a worker started in another folder (or another machine's mount) finds the file.
+        return cls(str(source.path.absolute()), source.card, tuple(source.bands), resample, source.grid)
 
 
 def blocks_of(plans: Sequence[TilePlan], block_tiles: int) -> list[tuple[int, tuple[Tile, ...]]]:
@@ -187,6 +190,8 @@ def block_batches(
     from distributed import wait
 
     blocks = blocks_of(plans, options.block_tiles)
+    if Path(options.model).is_file():  # a model file, not a bundled name: the same file for every worker
+        options = dataclasses.replace(options, model=str(Path(options.model).absolute()))
     specs = [SourceSpec.of(source, options.resample) for source in sources]
     threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values())
     ahead = 2 * max(1, threads) + 2
