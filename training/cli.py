@@ -134,6 +134,8 @@ def _distill_parser(sub: Any) -> None:
     ds.add_argument("--images", required=True, type=Path, nargs="+", metavar="DIR",
                     help="folders (searched recursively) and raster files of unlabelled images")
     ds.add_argument("--student-config", default="ssm_tiny", help="student backbone name (ssm_tiny, heat_tiny...)")
+    ds.add_argument("--init-student", choices=["imagenet"],
+                    help="start an effnet_* / ssm_hybrid_* student from its ImageNet MBConv weights")
     ds.add_argument("--out", required=True, type=Path, help="output backbone file (.safetensors), for --init-backbone")
     ds.add_argument("--bands", default="1,2,3", type=parse_bands, help="image bands to use, 1-based")
     ds.add_argument("--chip-size", type=int, default=256)
@@ -512,12 +514,13 @@ def _distill(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
     torch.manual_seed(args.seed)  # equal initial weights on every DDP rank
     body = build_backbone(ModelConfig(backbone=args.student_config, in_channels=len(args.bands),
                                       tile_size=args.chip_size))
+    init = _init_student(body, args, data.mean.tolist(), data.std.tolist())
     cache = args.cache_dir / cache_key(args.teacher, data) if args.cache_dir else None
     objective = DistillObjective(body, teacher, data.mean.tolist(), data.std.tolist(), len(data), perturb,
                                  drd_weight=args.drd_weight, cache_dir=cache)
     torch.manual_seed(args.seed * 1000 + int(os.environ.get("RANK", "0")))  # each rank its own noise and masks
     provenance = {"teacher": args.teacher, "teacher_features": teacher.describe(), "pairs": objective.pairs,
-                  "perturb": vars(perturb), "drd_weight": args.drd_weight,
+                  "perturb": vars(perturb), "drd_weight": args.drd_weight, "init_student": init,
                   "data": [str(p) for p in args.images], "images": len(data.files), "chips": len(data),
                   "chip_size": args.chip_size, "train_config": train_config_dict(cfg), "command": _command()}
 
@@ -529,6 +532,20 @@ def _distill(args: argparse.Namespace, report: _Reporter) -> dict[str, Any]:
 
     metrics = run_pretraining(objective, data, args.out, cfg, save, device=device, progress=report)
     return {"output": str(args.out), "metrics": metrics}
+
+
+def _init_student(body: Any, args: argparse.Namespace, mean: list[float], std: list[float]) -> dict | None:
+    """``--init-student imagenet``: the ImageNet weights of a hybrid or EfficientNet-Lite student's MBConv stages,
+    the chips' band statistics folded into its stem (as ``rs-train train --init-backbone imagenet`` does)."""
+    if not args.init_student:
+        return None
+    from rs_engine.models.effnet import EffNetBackbone, load_imagenet
+
+    if not isinstance(body, EffNetBackbone):
+        raise InputError(f"--init-student imagenet: {args.student_config} has no ImageNet weights "
+                         "(effnet_lite0/1/2 and ssm_hybrid_* do)")  # fmt: skip
+    n = load_imagenet(body, mean, std)
+    return {"source": f"ImageNet EfficientNet-{body.cfg.variant.capitalize()}", "copied": n}
 
 
 def entry_point() -> None:

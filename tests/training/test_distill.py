@@ -258,3 +258,36 @@ def test_distill_torchrun_two_processes_resume_and_init_backbone(tmp_path) -> No
     info = init_backbone(model, out, "ssm_tiny")
     assert info["copied"] == len(state)
     torch.testing.assert_close(model.backbone.body.patch_embed[0].weight, state["patch_embed.0.weight"])
+
+
+def test_distill_hybrid_student_from_imagenet(tmp_path) -> None:
+    """``--init-student imagenet`` starts a hybrid student's MBConv stages from ImageNet before distillation; a
+    student without ImageNet weights is refused with one line."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from rs_engine.models.effnet import imagenet_state_dict
+    from training.pretrain import load_backbone
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        Image.fromarray((torch.rand(72, 72, 3, generator=g) * 255).byte().numpy()).save(imgs / f"{i}.png")
+    out = tmp_path / "hybrid.safetensors"
+    cmd = [sys.executable, "-m", "training.cli", "distill", "--teacher", "efficientnet_lite0", "--images", str(imgs),
+           "--chip-size", "64", "--batch-size", "1", "--epochs", "1", "--warmup-steps", "1", "--workers", "0",
+           "--progress", "none", "--init-student", "imagenet"]  # fmt: skip
+    r = subprocess.run([*cmd, "--student-config", "ssm_hybrid_tiny", "--out", str(out)], capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, card = load_backbone(out)
+    assert card["backbone"] == "ssm_hybrid_tiny" and card["provenance"]["init_student"]["copied"] > 50
+    key = "blocks.2.0.conv_pw.weight"  # an MBConv weight of the stride-8 stage (not the stem, which is folded)
+    imagenet = imagenet_state_dict("lite0")[key]
+    assert (state[key].float() - imagenet).norm() / imagenet.norm() < 0.1  # two small steps from ImageNet
+    r = subprocess.run([*cmd, "--student-config", "ssm_tiny", "--out", str(tmp_path / "t.safetensors")],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "has no ImageNet weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
