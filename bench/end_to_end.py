@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per segment run (end to end)")
     ap.add_argument("--stream-timeout", type=float, default=3600,
                     help="seconds per streaming run; a longer one is stopped and its peak RSS so far reported")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream, baseline (the ResNet-50)")
     args = ap.parse_args()
     side = 512 if args.quick else args.side
     stream = [256, 512] if args.quick else [int(s) for s in args.stream_sides.split(",")]
@@ -168,6 +168,8 @@ def main() -> None:
             baseline, role = untrained_baseline(args.data / "resnet50-untrained.safetensors", args.model), \
                 "baseline (untrained weights)"
         roles = {args.model: "default model", **{m: "compared" for m in args.also}, str(baseline): role}
+        if "baseline" in skip:
+            roles.pop(str(baseline))
         for model, what in roles.items():
             rec = measure(mosaic, model, args.data, args.tile_size, args.overlap, args.batch_size, env, args.timeout)
             rec["role"] = what
