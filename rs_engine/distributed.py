@@ -114,7 +114,11 @@ def connect(scheduler: Scheduler, on_cluster: Callable[[str | None, int], None] 
             silence_logs=logging.ERROR,
             env={"OMP_NUM_THREADS": str(threads)},
         )
-        client = Client(cluster)
+        try:
+            client = Client(cluster)
+        except BaseException:  # Ctrl-C while connecting: no worker process may outlive the run
+            cluster.close()
+            raise
     else:
         try:
             client = Client(scheduler.address, timeout=CONNECT_TIMEOUT)
