@@ -113,3 +113,14 @@ def test_nwpu10_sees_no_airplanes_in_the_spacenet_suburb(tmp_path) -> None:
     meta, _, _, fields = pyogrio.raw.read(out) if result.features else ({"fields": []}, None, [], [])
     names = list(dict(zip(meta["fields"], fields)).get("class_name", []))
     assert names.count("airplane") <= 1, names
+
+
+NEON = Path(__file__).resolve().parents[2] / "shared/data/neon_trees/OSBS_029.tif"
+
+
+@pytest.mark.skipif(not NEON.is_file(), reason="../shared/data (NEON sample) not present")
+def test_nwpu10_marks_nothing_in_a_forest_plot(tmp_path) -> None:
+    """A NEON forest plot (0.1 m RGB, shrubs and tree crowns: none of nwpu10's classes): at most one object
+    (none on the development machine)."""
+    result = segment([NEON], tmp_path / "forest.gpkg", SegmentOptions(model="nwpu10"))
+    assert result.features <= 1
