@@ -101,7 +101,7 @@ for row in ("scratch", "teacher", "hybrid", "distill", "drd"):
             for _ in range(3):
                 body(x)
             sec = (time.perf_counter() - t) / 3
-        f = count_flops(model, 1024)
+        f = count_flops(model, 1024, card.bands)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"| {row} | {seed} | {r['segm']['AP']} | {r['segm']['AP50']} | {r['bbox']['AP']} | {params:.1f} "
               f"| {f['backbone_gflops']:.1f} | {sec:.2f} |")
