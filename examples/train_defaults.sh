@@ -2,7 +2,8 @@
 # Train the bundled default models (README "Models"), resumably: re-run the same command after an interruption and
 # it continues from OUT.resume.safetensors at the same batch; a finished step is skipped.
 #   examples/train_defaults.sh nwpu    # nwpu10 0.3: ssm_hybrid_tiny from ImageNet EfficientNet-Lite0, NWPU VHR-10
-#   examples/train_defaults.sh ssdd    # ssdd-ship 0.3: ssm_hybrid_tiny from ImageNet, SSDD (1 band, 256 px chips)
+#   examples/train_defaults.sh ssdd    # ssdd-ship 0.3: ssm_hybrid_tiny from ImageNet, SSDD (1 band, 256 px chips),
+#                                      # 5 epochs or 155 minutes
 # Then score on the test split (the --record line is stored in the card) and bundle with examples/bundle_model.py.
 # One job at a time, one thread (OMP_NUM_THREADS=1), so the machine's second core stays free for other work.
 # WORK (default ../delineate-train, outside the repository) holds the model, resume, log and curve files.
@@ -30,7 +31,7 @@ for target in "$@"; do
     ssdd) D=$SHARED/ssdd
       "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
         --model-config ssm_hybrid_tiny --init-backbone imagenet --bands 1 --chip-size 256 \
-        --scale-range 0.6,1.6 --epochs "${SSDD_EPOCHS:-4}" --max-minutes "${SSDD_MINUTES:-40}" --batch-size 4 --lr 5e-4 --warmup-steps 50 \
+        --scale-range 0.6,1.6 --epochs "${SSDD_EPOCHS:-5}" --max-minutes "${SSDD_MINUTES:-155}" --batch-size 4 --lr 5e-4 --warmup-steps 50 \
         --checkpoint-minutes 5 --workers 0 --name ssdd-ship --progress jsonl --out "$WORK/ssdd-ship-hybrid.safetensors"
       "$PY" -m training.cli evaluate --model "$WORK/ssdd-ship-hybrid.safetensors" \
         --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \

@@ -50,8 +50,8 @@ SSDD_TEST = Path(__file__).resolve().parents[2] / "shared/data/ssdd/annotations/
 
 @pytest.mark.skipif(not SSDD_TEST.is_file(), reason="../shared/data (SSDD annotations) not present")
 def test_ssdd_ship_detections_land_on_annotated_ships(tmp_path) -> None:
-    """Recall at mask IoU 0.3 against the 24 annotated ships of the example (pixel frame: y = -row); 16 on the
-    development machine, at least 12 required."""
+    """Recall at mask IoU 0.3 against the 24 annotated ships of the example (pixel frame: y = -row): 20 with
+    ssdd-ship 0.3 on the development machine (0.2: 16); at least 17 required."""
     import json
 
     import shapely
@@ -65,7 +65,7 @@ def test_ssdd_ship_detections_land_on_annotated_ships(tmp_path) -> None:
     segment([EXAMPLES / "ssdd_001111.jpg"], out, SegmentOptions(model="ssdd-ship", bands=[1]))
     found = [shapely.from_wkb(g) for g in pyogrio.raw.read(out)[2]]
     hits = sum(any(t.intersection(f).area / t.union(f).area > 0.3 for f in found) for t in truth)
-    assert len(truth) == 24 and hits >= 0.5 * len(truth), (hits, len(truth))
+    assert len(truth) == 24 and hits >= 17, (hits, len(truth))
 
 
 NWPU_TEST = Path(__file__).resolve().parents[2] / "shared/data/nwpu_vhr10/annotations/instances_test.json"
