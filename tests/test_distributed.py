@@ -218,7 +218,7 @@ def test_folder_glob_and_crs_errors(tmp_path, write_raster, make_card):
     assert not (tmp_path / "o.gpkg").exists()
 
 
-def test_cli_local_cluster_real_model_and_sigterm(tmp_path):
+def test_cli_local_cluster_real_model_and_sigterm(tmp_path, read_gpkg):
     """``--scheduler local:2`` with the bundled default model on the real NWPU example: the same objects as one
     process, the cluster event first in jsonl; then SIGTERM mid-run: exit 130, nothing written, workers gone."""
     psutil = pytest.importorskip("psutil")
@@ -232,7 +232,7 @@ def test_cli_local_cluster_real_model_and_sigterm(tmp_path):
         runs[name] = [json.loads(line) for line in r.stdout.splitlines()]
     assert runs["many"][0]["event"] == "cluster" and runs["many"][0]["threads"] == 2
     assert runs["many"][-1]["features"] == runs["one"][-1]["features"] > 5
-    pairs = zip(features(tmp_path / "many.gpkg", _read), features(tmp_path / "one.gpkg", _read), strict=True)
+    pairs = zip(features(tmp_path / "many.gpkg", read_gpkg), features(tmp_path / "one.gpkg", read_gpkg), strict=True)
     for (ca, _, ga), (cb, _, gb) in pairs:
         assert ca == cb and ga.intersection(gb).area / ga.union(gb).area > 0.99
 
@@ -255,13 +255,3 @@ def test_cli_local_cluster_real_model_and_sigterm(tmp_path):
     _, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"worker processes left: {alive}"
 
-
-def _read(path: Path):
-    import pyogrio
-    from pyogrio import raw
-
-    pyogrio.read_info(path, layer="instances")
-    meta, _, geometry, field_data = raw.read(path, layer="instances")
-    fields = dict(zip(meta["fields"], field_data, strict=True))
-    return None, [{"class_id": fields["class_id"][i], "score": fields["score"][i], "geometry": shapely.from_wkb(g)}
-                  for i, g in enumerate(geometry)]  # fmt: skip
