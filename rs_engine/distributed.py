@@ -39,6 +39,7 @@ import rasterio
 import torch
 
 from rs_engine.checkpoint import ModelCard, load_model
+from rs_engine.device import resolve_device
 from rs_engine.errors import InputError
 from rs_engine.postprocess import Instance
 from rs_engine.raster import Grid, RasterSource, Tile, TilePlan
@@ -47,7 +48,6 @@ from rs_engine.segment import (
     Predictor,
     SegmentOptions,
     TileBatch,
-    _resolve_device,
     gdal_options,
     predict_tiles,
 )
@@ -236,7 +236,7 @@ def _worker_model(model: str, device: str, score_threshold: float) -> Predictor:
     """The model of this worker process, loaded on first use and kept for every later block and run."""
     with _MODELS_LOCK:
         if (model, device) not in _MODELS:
-            predictor, _ = load_model(model, _resolve_device(device))
+            predictor, _ = load_model(model, resolve_device(device))
             _MODELS[(model, device)] = (predictor, predictor.roi_heads.score_thresh)
         predictor, card_threshold = _MODELS[(model, device)]
     # As in a local run: drop low scores inside the box head, before full-tile masks are pasted.

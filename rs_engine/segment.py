@@ -31,6 +31,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 
 from rs_engine.checkpoint import ModelCard, load_model, read_card
+from rs_engine.device import resolve_device
 from rs_engine.errors import InputError
 from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
 from rs_engine.inputs import expand_inputs, open_sources, output_crs
@@ -167,7 +168,7 @@ def segment(
             # Every check is done: only now are the model loaded or the cluster started.
             if scheduler is None:
                 if predictor is None:
-                    predictor, card = load_model(options.model, _resolve_device(options.device))
+                    predictor, card = load_model(options.model, resolve_device(options.device))
                     run.card = card
                     # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each
                     # detection (200 x T x T floats per tile otherwise).
@@ -316,23 +317,6 @@ def _check_output(output: Path, overwrite: bool, inputs: Sequence[Path]) -> None
             raise InputError(f"{output}: output is one of the inputs")
         if not overwrite:
             raise InputError(f"{output}: already exists (use --overwrite to replace it)")
-
-
-def _resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU.
-
-    Raises:
-        InputError: unknown device, or CUDA asked for but not available.
-    """
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {spec}: no CUDA GPU is available (use --device cpu)")
-        return torch.device(spec)
-    raise InputError(f"--device {spec}: must be auto, cpu or cuda")
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -40,7 +40,7 @@ def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int,
     g.add_argument("--checkpoint-minutes", type=float, default=10.0)
     g.add_argument("--workers", type=int, default=1, help="data-loading processes")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     if not supervised:
         return
@@ -225,15 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _device(name: str) -> str:
-    import torch
+    from rs_engine.device import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"--device {name}: use auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is available to PyTorch here")
-    return name
+    return str(resolve_device(name))
 
 
 def _train_config(args: argparse.Namespace):  # noqa: ANN202
