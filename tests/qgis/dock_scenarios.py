@@ -12,14 +12,22 @@ Prints one JSON line of facts (last line of stdout).
 
 import glob
 import os
-import shutil
 import signal
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import ROOT, FakeIface, flush_deletes, load_plugin, report, sar_example_in_utm, wait_until  # noqa: E402
+from harness import (  # noqa: E402
+    ROOT,
+    FakeIface,
+    flush_deletes,
+    load_plugin,
+    local_xyz_layer,
+    report,
+    sar_example_in_utm,
+    spacenet_middle,
+    wait_until,
+)
 from qgis.core import (  # noqa: E402
     QgsFeature,
     QgsGeometry,
@@ -30,8 +38,6 @@ from qgis.core import (  # noqa: E402
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QProcess  # noqa: E402
-
-from qgis_plugin.layers import transform_extent  # noqa: E402
 
 SCENARIO, WORK = sys.argv[1], sys.argv[2]
 SPACENET = str(ROOT / "examples" / "spacenet_atlanta.tif")
@@ -186,22 +192,12 @@ elif SCENARIO == "kill":
                                            for f in out.getFeatures())
 elif SCENARIO == "web":
     # a web (XYZ) layer: local tiles made with gdal2tiles, read through QGIS's wms provider like any XYZ service
-    tiles = os.path.join(WORK, "xyz")
-    vrt = os.path.join(WORK, "atlanta8.vrt")
-    subprocess.run(["gdal_translate", "-q", "-of", "VRT", "-ot", "Byte", "-scale", "59", "1500", "0", "255",
-                    SPACENET, vrt], check=True)
-    subprocess.run([shutil.which("gdal2tiles.py") or "gdal2tiles", "--xyz", "-z", "17-18", "-w", "none",
-                    "--processes=1", "-q", vrt, tiles], check=True)
-    url = f"type=xyz&url=file://{tiles}/{{z}}/{{x}}/{{y}}.png&zmin=17&zmax=18"
-    web = QgsRasterLayer(url, "local xyz", "wms")
+    web = local_xyz_layer(WORK)
     facts["web_valid"] = web.isValid()
-    QgsProject.instance().addMapLayer(web)
     dock.set_checked_rasters([web.id()])
     facts["bands_prefilled"] = dock.bands_edit.text()
     iface.canvas.setDestinationCrs(web.crs())
-    source = QgsRasterLayer(SPACENET, "atlanta")
-    # the middle 200 m of the SpaceNet tile, in the web layer's CRS (EPSG:3857)
-    mid = transform_extent(source.extent().buffered(-125), source.crs(), web.crs())
+    mid = spacenet_middle(web.crs())  # the middle 200 m of the SpaceNet tile, in the web layer's CRS (EPSG:3857)
     iface.canvas.setExtent(mid)
     dock.extent_combo.setCurrentIndex(1)
     dock.output_widget.setFilePath(os.path.join(WORK, "web.gpkg"))

@@ -8,6 +8,7 @@ import atexit
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -186,3 +187,30 @@ def sar_example_in_utm(workdir: str) -> str:
     gdal.Translate(path, str(ROOT / "examples" / "ssdd_001111.jpg"), format="GTiff", bandList=[1],
                    outputSRS="EPSG:32616", outputBounds=[733601, 3725139, 733601 + 491, 3725139 - 321])
     return path
+
+
+def local_xyz_layer(workdir: str, name: str = "local xyz") -> Any:
+    """A web (XYZ) layer over local tiles: examples/spacenet_atlanta.tif scaled to 8 bits and cut by gdal2tiles
+    (zoom 17-18), read through QGIS's wms provider like any XYZ service; added to the project, returned."""
+    from qgis.core import QgsRasterLayer
+
+    tiles = os.path.join(workdir, "xyz")
+    vrt = os.path.join(workdir, "atlanta8.vrt")
+    subprocess.run(["gdal_translate", "-q", "-of", "VRT", "-ot", "Byte", "-scale", "59", "1500", "0", "255",
+                    str(ROOT / "examples" / "spacenet_atlanta.tif"), vrt], check=True)
+    subprocess.run([shutil.which("gdal2tiles.py") or "gdal2tiles", "--xyz", "-z", "17-18", "-w", "none",
+                    "--processes=1", "-q", vrt, tiles], check=True)
+    url = f"type=xyz&url=file://{tiles}/{{z}}/{{x}}/{{y}}.png&zmin=17&zmax=18"
+    layer = QgsRasterLayer(url, name, "wms")
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def spacenet_middle(crs: Any) -> Any:
+    """The middle 200 m x 200 m of examples/spacenet_atlanta.tif as a QgsRectangle in ``crs``."""
+    from qgis.core import QgsRasterLayer
+
+    from qgis_plugin.layers import transform_extent
+
+    source = QgsRasterLayer(str(ROOT / "examples" / "spacenet_atlanta.tif"), "atlanta")
+    return transform_extent(source.extent().buffered(-125), source.crs(), crs)

@@ -32,6 +32,9 @@ pytestmark = pytest.mark.skipif(not _has_qgis(), reason="PyQGIS missing (make te
 needs_engine = pytest.mark.skipif(not _has_engine(), reason="no .venv with the engine (make venv)")
 needs_spacenet = pytest.mark.skipif(not (SHARED / "geotiff_labels.geojson").exists(),
                                     reason=f"SpaceNet samples missing at {SHARED}")
+needs_xyz = pytest.mark.skipif(
+    not (shutil.which("gdal2tiles.py") or shutil.which("gdal2tiles")) or not shutil.which("gdal_translate"),
+    reason="gdal2tiles / gdal_translate missing (apt-get install gdal-bin python3-gdal)")
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -171,8 +174,7 @@ def test_processing_finetune_headless(tmp_path: Path) -> None:
 
 
 @needs_engine
-@pytest.mark.skipif(not (shutil.which("gdal2tiles.py") or shutil.which("gdal2tiles")) or not shutil.which(
-    "gdal_translate"), reason="gdal2tiles / gdal_translate missing (apt-get install gdal-bin python3-gdal)")
+@needs_xyz
 def test_dock_renders_web_layer_then_segments(tmp_path: Path) -> None:
     facts = _scenario("dock_scenarios.py", tmp_path, "web")
     assert facts["web_valid"] and facts["bands_prefilled"] == "1"
@@ -194,6 +196,53 @@ def test_dock_retrain_registers_new_model(tmp_path: Path) -> None:
     assert facts["selected_model"] == str(tmp_path / "retrained.safetensors")
     assert facts["progress"] == 100 and facts["epoch_logged"]
     assert facts["processes_left"] == 0
+
+
+def _model_with_gsd(name: str, dest: Path, gsd: float) -> Path:
+    """A copy of the bundled model ``name`` whose card says ``gsd`` m/px, written with the standard library (a
+    safetensors file: 8-byte little-endian header length, a JSON header whose ``__metadata__`` holds the card, then
+    the tensor data, addressed relative to the header's end)."""
+    data = (ROOT / "rs_engine" / "weights" / f"{name}.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    card = json.loads(header["__metadata__"]["model_card"])
+    card["gsd"] = gsd
+    header["__metadata__"]["model_card"] = json.dumps(card, sort_keys=True)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    dest.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size:])
+    return dest
+
+
+@needs_engine
+def test_processing_batch_over_two_layers(tmp_path: Path) -> None:
+    """Processing's batch dialog runs delineate:segment over two raster layers: two GeoPackages, each segmented
+    within its own raster, loaded into the project named after raster and model and styled by class."""
+    facts = _scenario("processing_scenarios.py", tmp_path, "batch")
+    assert facts["rows"] == 2
+    whole, left = facts["outputs"]
+    assert whole and left, facts["log"]
+    assert whole["valid"] and left["valid"] and whole["crs"] == left["crs"] == "EPSG:32616"
+    assert 12 <= whole["features"] <= 40  # 24 ships annotated
+    assert 1 <= left["features"] < whole["features"] and facts["left_extent_ok"]
+    loaded = {lyr["name"]: lyr for lyr in facts["loaded"]}
+    assert set(loaded) == {"ssdd whole - ssdd-ship", "ssdd left - ssdd-ship"}, facts["loaded"]
+    assert loaded["ssdd left - ssdd-ship"]["source"] == str(tmp_path / "batch_left.gpkg")
+    for lyr in loaded.values():
+        assert lyr["renderer"] == "categorizedSymbol" and lyr["class_attribute"] == "class_name"
+
+
+@needs_engine
+def test_processing_model_segment_then_native_algorithm(tmp_path: Path) -> None:
+    """A Processing model as Model Builder saves it (.model3, read back), delineate:segment then
+    native:pointonsurface, run headless: both outputs written, one point inside each ship outline."""
+    facts = _scenario("processing_scenarios.py", tmp_path, "model")
+    assert facts["saved"] and facts["read_back"]
+    instances, points = facts["instances"], facts["points"]
+    assert instances["valid"] and 12 <= instances["features"] <= 40 and instances["crs"] == "EPSG:32616"
+    assert points["valid"] and points["features"] == instances["features"] and points["crs"] == "EPSG:32616"
+    assert points["geometry"] == 0 and "score" in points["fields"]  # QgsWkbTypes.PointGeometry
+    assert facts["points_inside"]
 
 
 def _qgis_process() -> str | None:
