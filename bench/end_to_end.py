@@ -45,8 +45,10 @@ from bench.common import (  # noqa: E402
     write_outputs,
 )
 
-# Where examples/ and README "Models" put training outputs: beside the repository, never inside it.
-DEFAULT_BASELINE = ROOT.parent / "delineate-train" / "base" / "nwpu10-resnet50.safetensors"
+# Where examples/ and README "Models" put training outputs: $WORK, as the example scripts, by default beside the
+# repository (never inside it).
+WORK = Path(os.environ.get("WORK", ROOT.parent / "delineate-train"))
+DEFAULT_BASELINE = WORK / "base" / "nwpu10-resnet50.safetensors"
 
 
 def segment_cmd(raster: Path, model: str, out: Path, tile: int, overlap: int, batch: int) -> list[str]:

@@ -1,6 +1,43 @@
 """Delineate inference engine: raster in, instance polygons (GeoPackage) out.
 
-Importable without QGIS. The QGIS plugin talks to it only through the ``rs-engine`` command line.
+Importable without QGIS. The QGIS plugin talks to it only through the ``rs-engine`` command line. The small
+public API, in the spirit of rasterio's:
+
+- :func:`segment` (with :class:`SegmentOptions`): rasters -> a GeoPackage of instance polygons, as
+  ``rs-engine segment``;
+- :func:`load_model`: a bundled model name or model file -> ``(torch model in eval mode, ModelCard)``;
+- :class:`RasterSource`: the one pixel reader (bands, normalisation, nodata, resampling, windows);
+- :class:`InputError`: what every bad input raises (one line; the CLI's exit code 2).
+
+Names are imported on first use, so ``import rs_engine`` stays cheap (no PyTorch until a model is needed).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_API = {
+    "segment": "rs_engine.segment",
+    "SegmentOptions": "rs_engine.segment",
+    "SegmentResult": "rs_engine.segment",
+    "load_model": "rs_engine.checkpoint",
+    "ModelCard": "rs_engine.checkpoint",
+    "RasterSource": "rs_engine.raster",
+    "InputError": "rs_engine.errors",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: lazy attributes of the package
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rs_engine' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -2,9 +2,9 @@
 
 Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr, no traceback); 1 internal error;
 130 cancelled (Ctrl-C or SIGTERM). With ``--progress jsonl`` every event is also one JSON object per line on
-stdout: ``{"event": "progress", "done": k, "total": n}``, then ``{"event": "done", "output": ..., "features": n}``
-or ``{"event": "error", "message": ...}``; with ``--scheduler`` first ``{"event": "cluster", "scheduler": ...,
-"threads": n, "dashboard": URL or null}``.
+stdout: ``{"event": "progress", "done": k, "total": n}``, then ``{"event": "done", "output": ..., "features": n}``,
+``{"event": "error", "message": ...}`` or ``{"event": "cancelled"}`` (as ``rs-train`` reports it); with
+``--scheduler`` first ``{"event": "cluster", "scheduler": ..., "threads": n, "dashboard": URL or null}``.
 """
 
 from __future__ import annotations
@@ -41,11 +41,9 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return values
 
 
-def _extent(text: str) -> tuple[float, float, float, float]:
-    minx, miny, maxx, maxy = _floats(text, 4, "--extent MINX,MINY,MAXX,MAXY")
-    if minx >= maxx or miny >= maxy:
-        raise argparse.ArgumentTypeError(f"--extent {text}: MINX must be < MAXX and MINY < MAXY")
-    return minx, miny, maxx, maxy
+def _extent(text: str) -> tuple[float, ...]:
+    # Parsing only; segment() checks the values (rs_engine.raster.check_extent), the same check for every caller.
+    return _floats(text, 4, "--extent MINX,MINY,MAXX,MAXY")
 
 
 def parse_bands(text: str) -> list[int]:
@@ -121,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit.error(str(exc))
         return EXIT_INPUT
     except KeyboardInterrupt:
-        emit.error("cancelled")
+        emit.cancelled()
         return EXIT_CANCELLED
     except Exception as exc:
         import traceback
@@ -144,6 +142,12 @@ class _Emitter:
 
     def event(self, **fields: Any) -> None:
         print(json.dumps(fields), flush=True)
+
+    def cancelled(self) -> None:
+        """The one cancel report of both CLIs: a ``cancelled`` event (jsonl), a plain line on stderr."""
+        if self.jsonl:
+            self.event(event="cancelled")
+        print("rs-engine: cancelled", file=sys.stderr, flush=True)
 
     def error(self, message: str) -> None:
         message = " ".join(message.split())  # always one line
@@ -194,7 +198,7 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
     try:
         result = segment(args.inputs, args.output, opts, progress=progress, on_cluster=on_cluster)
     except Cancelled:
-        emit.error("cancelled")
+        emit.cancelled()
         return EXIT_CANCELLED
     finally:
         if bar is not None:

@@ -38,11 +38,11 @@ from pathlib import Path
 import rasterio
 import torch
 
-from rs_engine.checkpoint import ModelCard, load_model
+from rs_engine.checkpoint import load_model
 from rs_engine.device import resolve_device
 from rs_engine.errors import InputError
 from rs_engine.postprocess import Instance
-from rs_engine.raster import Grid, RasterSource, Tile, TilePlan
+from rs_engine.raster import RasterSource
 from rs_engine.segment import (
     Cancelled,
     Predictor,
@@ -51,6 +51,7 @@ from rs_engine.segment import (
     gdal_options,
     predict_tiles,
 )
+from rs_engine.tiling import Grid, Tile, TilePlan
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,11 @@ class SourceSpec:
     """What a worker needs to reopen an input exactly as the client planned it (picklable, no open file)."""
 
     path: str
-    card: ModelCard
+    n_bands: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    gsd: float | None
+    label: str
     bands: tuple[int, ...]
     resample: bool
     grid: Grid
@@ -153,7 +158,15 @@ class SourceSpec:
     @classmethod
     def of(cls, source: RasterSource, resample: bool) -> SourceSpec:
         # Absolute, so that a worker started in another folder (or another machine's mount) finds the file.
-        return cls(str(source.path.absolute()), source.card, tuple(source.bands), resample, source.grid)
+        return cls(str(source.path.absolute()), source.n_bands, tuple(source.mean), tuple(source.std), source.gsd,
+                   source.label, tuple(source.bands), resample, source.grid)
+
+    def open(self) -> RasterSource:
+        """The source on the client's grid: same extent and resampling, so the same tiles."""
+        source = RasterSource(self.path, self.n_bands, self.mean, self.std, self.gsd, list(self.bands),
+                              self.resample, label=self.label)
+        source.grid = self.grid
+        return source
 
 
 def blocks_of(plans: Sequence[TilePlan], block_tiles: int) -> list[tuple[int, tuple[Tile, ...]]]:
@@ -261,9 +274,8 @@ def predict_block(
     instances: list[list[Instance]] = []
     skipped = 0
     with rasterio.Env(**gdal_options()):
-        source = RasterSource(spec.path, spec.card, list(spec.bands), spec.resample)
+        source = spec.open()
         try:
-            source.grid = spec.grid  # the client's grid: same extent and resampling, so the same tiles
             for i in range(0, len(tiles), options.batch_size):
                 found, n = predict_tiles(source, tiles[i : i + options.batch_size], predictor, score_threshold,
                                          options)  # fmt: skip

@@ -74,6 +74,16 @@ def output_crs(text: str | None, sources: Sequence[RasterSource]) -> CRS | None:
     return crs
 
 
+def model_source(path: str | Path, card: ModelCard, bands: Sequence[int] | None = None,
+                 resample: bool = True) -> RasterSource:
+    """:class:`RasterSource` prepared for the model of ``card`` (its bands, normalisation and GSD).
+
+    Raises:
+        InputError: as :class:`RasterSource`.
+    """
+    return RasterSource(path, card.bands, card.mean, card.std, card.gsd, bands, resample, label=f"model {card.label}")
+
+
 def open_sources(
     inputs: Sequence[str | Path],
     card: ModelCard,
@@ -93,7 +103,7 @@ def open_sources(
     sources: list[RasterSource] = []
     try:
         for path in inputs:
-            sources.append(RasterSource(path, card, bands, resample))
+            sources.append(model_source(path, card, bands, resample))
         first = sources[0]
         for source in sources[1:]:
             if (source.crs is None) != (first.crs is None):

@@ -43,7 +43,7 @@ from shapely import affinity
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
-from rs_engine.raster import Tile, TilePlan
+from rs_engine.tiling import Tile, TilePlan
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def to_map(geometry: BaseGeometry, transform: Affine, simplify: float = 0.0) -> 
 
     Args:
         geometry: (Multi)Polygon in grid pixels.
-        transform: grid pixel (col, row) -> map (x, y), e.g. :attr:`rs_engine.raster.Grid.transform`.
+        transform: grid pixel (col, row) -> map (x, y), e.g. :attr:`rs_engine.tiling.Grid.transform`.
         simplify: Douglas-Peucker tolerance in map units (topology preserved, made valid after); 0 = off, in
             which case only collinear vertices of the pixel staircase are removed.
 

@@ -1,14 +1,10 @@
-"""Open a raster, plan tiles (windows with overlap), read and normalise a window.
+"""Open a raster, work out its georeferencing, read and normalise windows: the one pixel reader of the project.
 
-Everything here works window by window: no function reads a whole raster, so memory does not grow with the
-raster's size. Pixels are addressed in three frames:
-
-- *source* pixels: the raster file's own pixel grid (rasterio windows);
-- *grid* pixels: the grid the model sees, i.e. the source window of interest (``--extent``) resampled to the
-  model's GSD when the raster's differs by more than a factor (:class:`Grid`); identical to source pixels
-  when no resampling is needed;
-- *map* coordinates: the raster's CRS units, via :attr:`Grid.transform`. A raster without georeferencing
-  gets the pixel frame QGIS uses for such rasters (x = column, y = -row) and no CRS.
+Inference (:mod:`rs_engine.segment`), evaluation and every training dataset read pixels through
+:class:`RasterSource`, so the same file gives the same pixels everywhere. Everything works window by window: no
+function reads a whole raster, so memory does not grow with the raster's size. Source and grid pixels are the
+frames of :mod:`rs_engine.tiling`; *map* coordinates are the raster's CRS units (:func:`georeference`). A raster
+without georeferencing gets the pixel frame QGIS uses for such rasters (x = column, y = -row) and no CRS.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +25,8 @@ from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.transform import from_gcps
 from rasterio.windows import Window
 
-from rs_engine.checkpoint import ModelCard
 from rs_engine.errors import InputError
+from rs_engine.tiling import Tile, TilePlan, make_grid, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -53,152 +48,6 @@ SUPPORTED_DTYPES = frozenset(
 
 class ExtentError(InputError):
     """``--extent`` is malformed or lies outside a raster (an :class:`InputError`)."""
-
-
-# ----------------------------------------------------------------------------------------------- tile plan
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One square window of the grid fed to the model.
-
-    Attributes:
-        index: position in the plan (row-major).
-        row, col: position in the tile grid.
-        x0, y0: top-left corner in grid pixels.
-        size: side in grid pixels (the window may reach past the grid's right/bottom edge only when the grid
-            is smaller than a tile; those pixels are padding).
-        core: ``(x0, y0, x1, y1)`` half-open grid-pixel box this tile is responsible for; the cores of a plan
-            partition the grid (each overlap is split down its middle).
-        interior: ``(left, top, right, bottom)``: True where the tile edge is shared with a neighbouring tile
-            (an object reaching it may continue beyond), False where it is the grid's edge.
-    """
-
-    index: int
-    row: int
-    col: int
-    x0: int
-    y0: int
-    size: int
-    core: tuple[int, int, int, int]
-    interior: tuple[bool, bool, bool, bool]
-
-    @property
-    def window(self) -> Window:
-        """The tile as a rasterio window in grid pixels (``size`` x ``size``)."""
-        return Window(self.x0, self.y0, self.size, self.size)
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Tiles covering a ``width`` x ``height`` grid, in row-major order."""
-
-    width: int
-    height: int
-    tile_size: int
-    overlap: int
-    col_offsets: tuple[int, ...]
-    row_offsets: tuple[int, ...]
-    tiles: tuple[Tile, ...]
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.row_offsets)
-
-    @property
-    def n_cols(self) -> int:
-        return len(self.col_offsets)
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-
-def plan_offsets(length: int, tile_size: int, overlap: int) -> list[int]:
-    """Start offsets (pixels) of tiles along one axis of ``length`` pixels.
-
-    Tiles advance by ``tile_size - overlap``; the last tile is shifted back so it ends at the grid's edge
-    (its overlap with the previous one grows) rather than being padded. An axis shorter than a tile gets one
-    tile at 0 (padded by the reader).
-    """
-    stride = tile_size - overlap
-    offsets = [0]
-    while offsets[-1] + tile_size < length:
-        offsets.append(min(offsets[-1] + stride, length - tile_size))
-    return offsets
-
-
-def _core_bounds(offsets: Sequence[int], length: int, tile_size: int) -> list[tuple[int, int]]:
-    """Split each overlap down its middle so the cores partition ``[0, length)``."""
-    cuts = [(offsets[i + 1] + offsets[i] + tile_size) // 2 for i in range(len(offsets) - 1)]
-    starts = [0, *cuts]
-    ends = [*cuts, length]
-    return list(zip(starts, ends, strict=True))
-
-
-def plan_tiles(width: int, height: int, tile_size: int, overlap: int) -> TilePlan:
-    """Plan square tiles of ``tile_size`` px overlapping by ``overlap`` px over a ``width`` x ``height`` grid.
-
-    Raises:
-        ValueError: ``tile_size < 1``, ``overlap < 0`` or ``overlap >= tile_size`` (callers validate options
-            first and raise :class:`InputError`).
-    """
-    if tile_size < 1 or overlap < 0 or overlap >= tile_size:
-        raise ValueError(f"bad tile plan: tile_size={tile_size}, overlap={overlap}")
-    cols = plan_offsets(width, tile_size, overlap)
-    rows = plan_offsets(height, tile_size, overlap)
-    col_cores = _core_bounds(cols, width, tile_size)
-    row_cores = _core_bounds(rows, height, tile_size)
-    tiles = []
-    for r, (y0, (cy0, cy1)) in enumerate(zip(rows, row_cores, strict=True)):
-        for c, (x0, (cx0, cx1)) in enumerate(zip(cols, col_cores, strict=True)):
-            interior = (c > 0, r > 0, c < len(cols) - 1, r < len(rows) - 1)
-            tiles.append(Tile(len(tiles), r, c, x0, y0, tile_size, (cx0, cy0, cx1, cy1), interior))
-    return TilePlan(width, height, tile_size, overlap, tuple(cols), tuple(rows), tuple(tiles))
-
-
-# ------------------------------------------------------------------------------------------------- grid
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The pixel grid the model sees: a source window, resampled to the model's GSD where needed.
-
-    Attributes:
-        window: the source pixels covered (integer offsets and sizes, clipped to the raster).
-        width, height: grid size in grid pixels.
-        transform: grid pixel (col, row) -> map coordinates (x, y).
-    """
-
-    window: Window
-    width: int
-    height: int
-    transform: Affine
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """Source pixels per grid pixel along x and y (1, 1 when not resampled)."""
-        return self.window.width / self.width, self.window.height / self.height
-
-    @property
-    def resampled(self) -> bool:
-        return (self.width, self.height) != (self.window.width, self.window.height)
-
-    def source_window(self, x0: int, y0: int, width: int, height: int) -> Window:
-        """Source window (fractional offsets where resampled) under a ``width`` x ``height`` grid window."""
-        sx, sy = self.scale
-        return Window(self.window.col_off + x0 * sx, self.window.row_off + y0 * sy, width * sx, height * sy)
-
-
-def make_grid(window: Window, transform: Affine, scale: tuple[float, float] = (1.0, 1.0)) -> Grid:
-    """Grid over a source ``window`` with ``scale`` grid pixels per source pixel (x, y)."""
-    width = max(1, round(window.width * scale[0]))
-    height = max(1, round(window.height * scale[1]))
-    grid_transform = (
-        transform
-        * Affine.translation(window.col_off, window.row_off)
-        * Affine.scale(window.width / width, window.height / height)
-    )
-    return Grid(window, width, height, grid_transform)
 
 
 def pixel_size_m(crs: CRS | None, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
@@ -231,6 +80,20 @@ def pixel_size_m(crs: CRS | None, transform: Affine, width: int, height: int) ->
     return None
 
 
+def check_extent(extent: Sequence[float]) -> tuple[float, float, float, float]:
+    """The one check of an ``--extent``: four finite numbers, MINX < MAXX and MINY < MAXY.
+
+    Raises:
+        ExtentError: otherwise (one line naming the extent).
+    """
+    values = tuple(float(v) for v in extent)
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ExtentError(f"--extent {_fmt_extent(values)}: needs four numbers MINX,MINY,MAXX,MAXY")
+    if not (values[0] < values[2] and values[1] < values[3]):
+        raise ExtentError(f"--extent {_fmt_extent(values)}: needs MINX < MAXX and MINY < MAXY")
+    return values  # type: ignore[return-value]
+
+
 def extent_window(extent: Sequence[float], transform: Affine, width: int, height: int, name: str) -> Window:
     """Source window (integer, clipped to the raster) covering ``extent`` = (minx, miny, maxx, maxy).
 
@@ -239,9 +102,7 @@ def extent_window(extent: Sequence[float], transform: Affine, width: int, height
     Raises:
         ExtentError: the extent is malformed or doesn't overlap the raster.
     """
-    minx, miny, maxx, maxy = extent
-    if not (minx < maxx and miny < maxy):
-        raise ExtentError(f"--extent {_fmt_extent(extent)}: needs MINX < MAXX and MINY < MAXY")
+    minx, miny, maxx, maxy = check_extent(extent)
     inverse = ~transform
     # Rounding first keeps float noise (49.9999999) from adding a pixel row or column.
     cols, rows = zip(
@@ -300,81 +161,110 @@ def _gdal_detail(exc: BaseException) -> str:
     return "" if "See previous exception" in line or "not recognized as" in line else line[:200]
 
 
+def georeference(ds: rasterio.io.DatasetReader) -> tuple[Affine, CRS | None]:
+    """The map frame of an open raster: ``(transform, crs)``, pixel (col, row) -> map (x, y).
+
+    The file's geotransform where it has one; else an affine fit of its GCPs (SAR scenes often carry only GCPs;
+    the fit only approximates GCP georeferencing but lands objects near their place); else :data:`PIXEL_FRAME`
+    and no CRS. Inference and evaluation both use this, so a scene is scored in the frame it was segmented in.
+    """
+    gcps, gcp_crs = ds.gcps
+    if not ds.transform.is_identity:
+        return ds.transform, ds.crs
+    if gcps:
+        log.warning("%s: has GCPs only; using an affine fit of its %d GCPs", Path(ds.name).name, len(gcps))
+        return from_gcps(gcps), gcp_crs
+    return PIXEL_FRAME, None
+
+
 class RasterSource:
-    """An open raster prepared for one model: band selection, normalisation, nodata, extent, resampling.
+    """An open raster prepared for a network: band selection, normalisation, nodata, extent, resampling.
 
     Use as a context manager (or call :meth:`close`). Construction validates what a user can get wrong without
-    reading pixels: the file, the band selection against the model card, the dtype. :meth:`restrict` applies
-    ``--extent``; :meth:`check_has_data` rejects all-nodata rasters.
+    reading pixels: the file, the band selection, the dtype. :meth:`restrict` applies ``--extent``;
+    :meth:`check_has_data` rejects all-nodata rasters. :meth:`read_tile` reads a tile of the grid,
+    :meth:`read_window` any window of the source pixels.
+
+    Attributes ``n_bands``, ``mean``, ``std``, ``gsd``, ``bands`` and ``label`` are the resolved arguments
+    (``mean``/``std`` lists), enough to reopen the source elsewhere (a Dask worker).
 
     Args:
         path: raster file.
-        card: the model card (bands, per-band mean/std in raw units, GSD in m/px).
-        bands: 1-based band indexes to feed the model (repeats allowed, e.g. ``[1, 1, 1]`` for a single-band
-            raster and a 3-band model); None -> the first ``card.bands`` bands.
-        resample: resample to ``card.gsd`` when the raster's pixel size differs from it by more than
+        n_bands: bands the network takes.
+        mean, std: per-band normalisation in raw units (complex: of the magnitude); None: raw values.
+        gsd: the network's ground sample distance (m/px), or None: never resample.
+        bands: 1-based band indexes to feed it (repeats allowed, e.g. ``[1, 1, 1]``); None: the first
+            ``n_bands`` bands, or band 1 repeated for a single-band raster (SAR, panchromatic) and a multi-band
+            network, with a warning.
+        resample: resample to ``gsd`` when the raster's pixel size differs from it by more than
             ``resample_factor``.
+        label: how errors name the network (``model nwpu10 0.3``).
 
     Raises:
-        InputError: unreadable file, bands the model can't take, unsupported dtype.
+        InputError: unreadable file, bands the network can't take, unsupported dtype.
     """
 
     def __init__(
         self,
         path: str | Path,
-        card: ModelCard,
+        n_bands: int,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        gsd: float | None = None,
         bands: Sequence[int] | None = None,
         resample: bool = True,
         resample_factor: float = RESAMPLE_FACTOR,
+        label: str = "the model",
     ) -> None:
         self.path = Path(path)
         self.name = self.path.name
-        self.card = card
+        self.n_bands, self.gsd, self.label = n_bands, gsd, label
         self._ds = open_raster(self.path)
         try:
-            self._setup(bands, resample, resample_factor)
+            self._setup(bands, resample, resample_factor, mean, std)
         except BaseException:
             self._ds.close()
             raise
 
-    def _setup(self, bands: Sequence[int] | None, resample: bool, factor: float) -> None:
-        ds, card = self._ds, self.card
-        self.bands = _select_bands(bands, ds.count, card, self.path)
+    def _setup(self, bands: Sequence[int] | None, resample: bool, factor: float,
+               mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        ds = self._ds
+        self.bands = _select_bands(bands, ds.count, self.n_bands, self.label, self.path)
         dtypes = {ds.dtypes[b - 1] for b in self.bands}
         unsupported = dtypes - SUPPORTED_DTYPES
         if unsupported:
             raise InputError(f"{self.path}: pixel type {sorted(unsupported)[0]} is not supported")
         self.complex = any(np.dtype(d).kind == "c" for d in dtypes)
-
-        gcps, gcp_crs = ds.gcps
-        if not ds.transform.is_identity:
-            self.transform, self.crs = ds.transform, ds.crs
-        elif gcps:
-            # An affine fit only approximates GCP georeferencing, but lands objects near their place.
-            log.warning("%s: has GCPs only; using an affine fit of its %d GCPs", self.name, len(gcps))
-            self.transform, self.crs = from_gcps(gcps), gcp_crs
-        else:
-            self.transform, self.crs = PIXEL_FRAME, None
+        self.transform, self.crs = georeference(ds)
 
         scale = (1.0, 1.0)
         size_m = pixel_size_m(self.crs, self.transform, ds.width, ds.height)
-        if resample and card.gsd and size_m:
-            ratios = (size_m[0] / card.gsd, size_m[1] / card.gsd)
+        if resample and self.gsd and size_m:
+            ratios = (size_m[0] / self.gsd, size_m[1] / self.gsd)
             if any(r > factor or r < 1 / factor for r in ratios):
                 scale = ratios
-                log.info(
-                    "%s: pixel size %.3g x %.3g m, model GSD %.3g m: resampling by %.3g x %.3g",
-                    self.name,
-                    size_m[0],
-                    size_m[1],
-                    card.gsd,
-                    *ratios,
-                )
+                log.info("%s: pixel size %.3g x %.3g m, model GSD %.3g m: resampling by %.3g x %.3g",
+                         self.name, size_m[0], size_m[1], self.gsd, *ratios)
         self.pixel_size_m = size_m
         self._scale = scale
         self.grid = make_grid(Window(0, 0, ds.width, ds.height), self.transform, scale)
-        self._mean = np.asarray(card.mean, dtype=np.float32).reshape(-1, 1, 1)
-        self._std = np.asarray(card.std, dtype=np.float32).reshape(-1, 1, 1)
+        n = len(self.bands)
+        self.mean = [float(v) for v in mean] if mean is not None else [0.0] * n
+        self.std = [float(v) for v in std] if std is not None else [1.0] * n
+        if len(self.mean) != n or len(self.std) != n:
+            raise ValueError(f"{len(self.mean)}/{len(self.std)} mean/std values for {n} bands")
+        self._mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+        self._std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+
+    @property
+    def width(self) -> int:
+        """Source width in pixels."""
+        return self._ds.width
+
+    @property
+    def height(self) -> int:
+        """Source height in pixels."""
+        return self._ds.height
 
     # -- lifecycle
 
@@ -464,11 +354,11 @@ class RasterSource:
     # -- reading
 
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-        """Read, normalise and pad one tile.
+        """Read, normalise and pad one tile of the grid.
 
         Returns:
-            ``image`` (C, T, T) float32, ``(x - mean) / std`` per band with the card's raw-unit mean/std
-            (complex pixels -> magnitude first); nodata and padding pixels are 0 (the band mean).
+            ``image`` (C, T, T) float32, ``(x - mean) / std`` per band (complex pixels -> magnitude first);
+            nodata and padding pixels are 0 (the band mean).
             ``valid`` (T, T) bool: False on nodata, non-finite and padding pixels.
 
         Raises:
@@ -477,28 +367,59 @@ class RasterSource:
         size = tile.size
         w = min(size, self.grid.width - tile.x0)
         h = min(size, self.grid.height - tile.y0)
-        src_window = self.grid.source_window(tile.x0, tile.y0, w, h)
-        shape = (len(self.bands), h, w)
-        try:
-            data = self._read_data(src_window, shape)
-            masks = self._ds.read_masks(self.bands, window=src_window, out_shape=shape)
-        except RasterioError as exc:
-            raise self._read_error(src_window, exc) from None
-        valid = masks.any(axis=0) & np.isfinite(data).all(axis=0)
+        data, valid = self._read(self.grid.source_window(tile.x0, tile.y0, w, h), (len(self.bands), h, w))
         image = np.zeros((len(self.bands), size, size), dtype=np.float32)
-        with np.errstate(invalid="ignore", over="ignore"):
-            image[:, :h, :w] = np.where(valid, (data - self._mean) / self._std, 0.0)
+        image[:, :h, :w] = data
         valid_full = np.zeros((size, size), dtype=bool)
         valid_full[:h, :w] = valid
         return image, valid_full
 
-    def _read_data(self, window: Window, shape: tuple[int, int, int]) -> np.ndarray:
+    def read_window(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Read and normalise a window of the *source* pixels (no resampling), e.g. a training chip.
+
+        Parts of ``window`` outside the raster read as invalid zeros, so a chip at the raster's edge keeps its
+        size.
+
+        Args:
+            window: rasterio window (integer offsets and size; it may reach outside the raster).
+
+        Returns:
+            ``image`` (C, h, w) float32 as :meth:`read_tile`, and ``valid`` (h, w) bool.
+
+        Raises:
+            InputError: GDAL fails to read the pixels (corrupt or truncated file).
+        """
+        c0, r0, w, h = (int(v) for v in (window.col_off, window.row_off, window.width, window.height))
+        image = np.zeros((len(self.bands), h, w), dtype=np.float32)
+        valid = np.zeros((h, w), dtype=bool)
+        ic0, ir0 = max(c0, 0), max(r0, 0)
+        ic1, ir1 = min(c0 + w, self.width), min(r0 + h, self.height)
+        if ic1 > ic0 and ir1 > ir0:
+            inner = Window(ic0, ir0, ic1 - ic0, ir1 - ir0)
+            data, ok = self._read(inner, (len(self.bands), ir1 - ir0, ic1 - ic0), resampling=False)
+            image[:, ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = data
+            valid[ir0 - r0:ir1 - r0, ic0 - c0:ic1 - c0] = ok
+        return image, valid
+
+    def _read(self, window: Window, shape: tuple[int, int, int], resampling: bool = True
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised (C, h, w) pixels and (h, w) validity under a source window, resampled to ``shape``."""
+        try:
+            data = self._read_data(window, shape, resampling)
+            masks = self._ds.read_masks(self.bands, window=window, out_shape=shape)
+        except RasterioError as exc:
+            raise self._read_error(window, exc) from None
+        valid = masks.any(axis=0) & np.isfinite(data).all(axis=0)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return np.where(valid, (data - self._mean) / self._std, 0.0).astype(np.float32, copy=False), valid
+
+    def _read_data(self, window: Window, shape: tuple[int, int, int], resampling: bool = True) -> np.ndarray:
         """(C, h, w) float32 pixels under a (possibly fractional) source window, resampled bilinearly to
         ``shape`` where the grid is resampled; complex -> magnitude."""
         if not self.complex:
             data = self._ds.read(self.bands, window=window, out_shape=shape, resampling=Resampling.bilinear)
             return data.astype(np.float32, copy=False)
-        if not self.grid.resampled:
+        if not (resampling and self.grid.resampled):
             return np.abs(self._ds.read(self.bands, window=window)).astype(np.float32)
         # Interpolating complex values averages phases and destroys the magnitude (speckle), so read at the
         # native resolution, take the magnitude, then resample that.
@@ -521,21 +442,22 @@ class RasterSource:
         return out
 
 
-def _select_bands(bands: Sequence[int] | None, count: int, card: ModelCard, path: Path) -> list[int]:
-    """Validate the band selection against the raster and the card; returns 1-based indexes."""
+def _select_bands(bands: Sequence[int] | None, count: int, n: int, label: str, path: Path) -> list[int]:
+    """Validate the band selection against the raster and the network's ``n`` bands; 1-based indexes."""
     if bands is None:
-        if count < card.bands:
-            example = ",".join(["1"] * card.bands)
-            raise InputError(
-                f"{path}: has {count} band(s) but model {card.label} needs {card.bands} "
-                f"(pick bands with --bands, e.g. --bands {example})"
-            )
-        if count > card.bands:
-            log.info("%s: %d bands, model takes %d: using the first ones", path.name, count, card.bands)
-        return list(range(1, card.bands + 1))
+        if count == 1 and n > 1:
+            log.warning("%s: has 1 band, %s takes %d: repeating band 1 (as --bands %s)", path.name, label, n,
+                        ",".join(["1"] * n))
+            return [1] * n
+        if count < n:
+            raise InputError(f"{path}: has {count} band(s) but {label} needs {n} "
+                             f"(pick bands with --bands, e.g. --bands {','.join(['1'] * n)})")
+        if count > n:
+            log.info("%s: %d bands, %s takes %d: using the first ones", path.name, count, label, n)
+        return list(range(1, n + 1))
     text = ",".join(str(b) for b in bands)
-    if len(bands) != card.bands:
-        raise InputError(f"--bands {text}: model {card.label} takes {card.bands} band(s), got {len(bands)}")
+    if len(bands) != n:
+        raise InputError(f"--bands {text}: {label} takes {n} band(s), got {len(bands)}")
     bad = [b for b in bands if not 1 <= b <= count]
     if bad:
         raise InputError(f"--bands {text}: {path} has {count} band(s), no band {bad[0]}")

@@ -170,6 +170,18 @@ def test_usage_error_is_one_line(raster, tmp_path) -> None:
     _bad(["segment", raster, "-o", out, "--extent", "1,2,3"], out, "extent")
 
 
+def test_extent_checked_once_same_message_as_the_api(raster, model_file, tmp_path) -> None:
+    from rs_engine.raster import ExtentError
+    from rs_engine.segment import SegmentOptions, segment
+
+    out = tmp_path / "o.gpkg"
+    line = _bad(["segment", raster, "-o", out, "--model", model_file, "--extent", "10,0,0,10"], out, "extent")
+    with pytest.raises(ExtentError) as err:
+        segment([raster], out, SegmentOptions(model=str(model_file), extent=(10, 0, 0, 10)))
+    assert line == f"rs-engine: error: {err.value}"
+    assert str(err.value) == "--extent 10,0,0,10: needs MINX < MAXX and MINY < MAXY"
+
+
 def test_cancel_by_sigterm_leaves_nothing(model_file, tmp_path) -> None:
     big = write_raster(tmp_path / "big.tif", size=1200)
     out = tmp_path / "o.gpkg"
@@ -182,8 +194,11 @@ def test_cancel_by_sigterm_leaves_nothing(model_file, tmp_path) -> None:
         if json.loads(line)["event"] == "progress" and json.loads(line)["done"] >= 1:
             proc.send_signal(signal.SIGTERM)
             break
+    rest = [json.loads(line) for line in proc.stdout]
     proc.wait(timeout=120)
     assert proc.returncode == 130, proc.stderr.read()
+    assert rest[-1] == {"event": "cancelled"}  # as rs-train reports it (issue 18: it was an error event)
+    assert "error" not in {e["event"] for e in rest}
     assert not out.exists()
     assert not list(tmp_path.glob(".o.gpkg*"))
 

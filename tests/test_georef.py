@@ -14,8 +14,9 @@ from rasterio.warp import transform_geom
 from shapely import affinity
 from shapely.geometry import box, mapping, shape
 
-from rs_engine.raster import pixel_size_m, plan_tiles
+from rs_engine.raster import pixel_size_m
 from rs_engine.segment import SegmentOptions, segment
+from rs_engine.tiling import plan_tiles
 
 BACKGROUND, CLASS1 = 10, 100
 # An object crossing tile edges (tile 64, overlap 16): rows 30-50, columns 40-100 of a 120 x 140 raster.

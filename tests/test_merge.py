@@ -18,8 +18,8 @@ from scipy import ndimage
 from shapely.geometry import MultiPolygon, box, shape
 
 from rs_engine.postprocess import TileMerger, tile_instances
-from rs_engine.raster import plan_tiles
 from rs_engine.segment import SegmentOptions, segment
+from rs_engine.tiling import plan_tiles
 
 BACKGROUND, CLASS1, CLASS2 = 10, 100, 200
 TRANSFORM = Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000)

@@ -19,8 +19,9 @@ from shapely.geometry import MultiPolygon, box
 from shapely.ops import unary_union
 
 from rs_engine.errors import InputError
-from rs_engine.raster import NODATA_CHECK_SIZE, plan_tiles
+from rs_engine.raster import NODATA_CHECK_SIZE
 from rs_engine.segment import FIELDS, Cancelled, SegmentOptions, segment
+from rs_engine.tiling import plan_tiles
 
 BACKGROUND, CLASS1, CLASS2 = 10, 100, 200
 TRANSFORM = Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000)
@@ -125,6 +126,27 @@ def test_band_selection(write_raster, make_card, label_predictor, read_gpkg, tmp
         card=make_card(bands=3),
     )
     assert len(read_gpkg(out)[1]) == 2
+
+
+def test_single_band_raster_is_repeated_for_a_multiband_model(write_raster, make_card, label_predictor, read_gpkg,
+                                                             tmp_path, caplog):
+    """Issue 18: a 1-band raster (panchromatic, SAR) and a 3-band model, no --bands: band 1 is repeated, as
+    ``--bands 1,1,1`` does, with a one-line warning; before, the run stopped with "needs 3"."""
+    seen: list[torch.Tensor] = []
+    inner = label_predictor()
+
+    def predictor(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        seen.extend(images)
+        return inner(images)
+
+    out = tmp_path / "out.gpkg"
+    with caplog.at_level("WARNING", logger="rs_engine.raster"):
+        segment([write_raster(two_objects(), name="pan.tif")], out, predictor=predictor, card=make_card(bands=3))
+    assert len(read_gpkg(out)[1]) == 2
+    assert seen and all(img.shape[0] == 3 and torch.equal(img[0], img[1]) and torch.equal(img[0], img[2])
+                        for img in seen)
+    notes = [r.getMessage() for r in caplog.records if "repeating band 1" in r.getMessage()]
+    assert notes == ["pan.tif: has 1 band, model test 0 takes 3: repeating band 1 (as --bands 1,1,1)"]
 
 
 def _masked_raster(kind: str, write_raster) -> Path:
@@ -308,7 +330,8 @@ def _case(name: str, tmp_path: Path, write_raster, make_card):
         path = write_raster(np.zeros((80, 80), np.uint8), name="empty.tif", nodata=0)
         return [path], out, options, card, "empty.tif: raster is entirely nodata"
     if name == "too few bands":
-        return [good], out, options, make_card(bands=3), "good.tif: has 1 band(s) but model test 0 needs 3"
+        two = write_raster(np.stack([two_objects()] * 2), name="two.tif")
+        return [two], out, options, make_card(bands=3), "two.tif: has 2 band(s) but model test 0 needs 3"
     if name == "band out of range":
         return [good], out, SegmentOptions(bands=[4]), card, "--bands 4"
     if name == "output folder is a file":

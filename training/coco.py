@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from rasterio.windows import Window
 
 from rs_engine.errors import InputError
+from rs_engine.raster import RasterSource
 from training.augment import AugmentConfig, augment, crop_size, make_target, resize
+from training.bandstats import BandStatistics
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,22 @@ class CocoChips(torch.utils.data.Dataset):
         return len(self.ids) * (self.chips_per_image if self.train else 1)
 
     def load_image(self, image_id: int) -> np.ndarray:
-        """(C, H, W) float32 in the image's own units, bands as ``spec.bands``."""
+        """(C, H, W) float32 in the image's own units, bands as ``spec.bands``, read by
+        :class:`rs_engine.raster.RasterSource` as inference reads it (nodata pixels 0).
+
+        A single-band image given to a multi-band spec of the first bands is repeated into them (SAR, grey
+        photos), as inference does; any other missing band is an error.
+
+        Raises:
+            InputError: the image is missing or unreadable, or lacks a band of ``spec.bands``.
+        """
         info = self.coco.imgs[image_id]
-        path = self.images / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: image not readable ({exc})") from None
-        arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
-        bands = [b if b < arr.shape[0] else 0 for b in self.spec.bands]
-        return arr[bands].astype(np.float32)
+        n = len(self.spec.bands)
+        bands = None if self.spec.bands == list(range(n)) else [b + 1 for b in self.spec.bands]
+        with RasterSource(self.images / info["file_name"], n, bands=bands, resample=False,
+                          label="the training chips") as src:
+            data, _ = src.read_window(Window(0, 0, src.width, src.height))
+        return data
 
     def instances(self, image_id: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """(K, H, W) uint8 masks and (K,) labels of one image (crowd regions skipped)."""
@@ -126,12 +133,8 @@ class CocoChips(torch.utils.data.Dataset):
 
 def band_statistics(dataset: CocoChips, max_images: int = 200) -> tuple[list[float], list[float]]:
     """Per-band mean and std (image units) over up to ``max_images`` images, for the model card."""
-    sums, sqs, n = 0.0, 0.0, 0
+    stats = BandStatistics()
     for image_id in dataset.ids[:max_images]:
-        img = dataset.load_image(image_id).astype(np.float64)
-        sums = sums + img.sum(axis=(1, 2))
-        sqs = sqs + (img**2).sum(axis=(1, 2))
-        n += img.shape[1] * img.shape[2]
-    mean = sums / n
-    std = np.sqrt(np.maximum(sqs / n - mean**2, 1e-6))
-    return [float(v) for v in mean], [float(v) for v in std]
+        img = dataset.load_image(image_id)
+        stats.add(img.reshape(len(img), -1))
+    return stats.result()

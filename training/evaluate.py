@@ -38,7 +38,7 @@ def evaluate_coco(model: torch.nn.Module, dataset: CocoChips, device: str = "cpu
     """COCO metrics of ``model`` on ``dataset`` (mask and box AP, AP50, AP75, AP small/medium/large).
 
     Returns:
-        ``{"segm": {name: value}, "bbox": {...}, "images": n}``; AP values in 0-100.
+        ``{"segm": {name: value}, "bbox": {...}, "images": n}`` as :func:`coco_metrics`.
     """
     model.eval().to(device)
     ids = dataset.ids[:max_images] if max_images else dataset.ids
@@ -59,19 +59,29 @@ def evaluate_coco(model: torch.nn.Module, dataset: CocoChips, device: str = "cpu
                 "image_id": image_id, "category_id": dataset.cat_ids[label - 1], "score": score,
                 "segmentation": rle, "bbox": [x1, y1, x2 - x1, y2 - y1],
             })
-    metrics: dict[str, Any] = {"images": len(ids)}
+    return {"images": len(ids), **coco_metrics(dataset.coco, results, list(ids))}
+
+
+def coco_metrics(coco: Any, results: list[dict[str, Any]], image_ids: list[int]) -> dict[str, dict[str, float]]:
+    """COCOeval's summary (pycocotools) of ``results`` against ``coco`` on ``image_ids``, for masks and boxes.
+
+    Returns:
+        ``{"segm": {name: value}, "bbox": {...}}`` over :data:`STAT_NAMES`, AP in 0-100; -1 where the images
+        hold no ground truth of a size range (pycocotools' own -1, kept as such: it is not a score). No
+        detections at all, or no ground truth at all: every value 0.
+    """
+    metrics: dict[str, dict[str, float]] = {}
     for iou_type in ("segm", "bbox"):
-        if not results:
+        if not results or not coco.getAnnIds(imgIds=image_ids):
             metrics[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
             continue
-        with contextlib.redirect_stdout(io.StringIO()):
-            dt = dataset.coco.loadRes(results)
-            ev = COCOeval(dataset.coco, dt, iou_type)
-            ev.params.imgIds = list(ids)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+            ev = COCOeval(coco, coco.loadRes(results), iou_type)
+            ev.params.imgIds = list(image_ids)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
-        metrics[iou_type] = {n: round(float(v) * 100, 2) for n, v in zip(STAT_NAMES, ev.stats[:6])}
+        metrics[iou_type] = {n: round(float(v) * 100, 2) if v >= 0 else -1.0 for n, v in zip(STAT_NAMES, ev.stats)}
     return metrics
 
 
@@ -79,25 +89,11 @@ def _coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], image_ids: lis
     """Run COCOeval (segm and bbox) on an in-memory GT dict and detection list; AP values in 0-100."""
     from pycocotools.coco import COCO
 
-    metrics: dict[str, Any] = {"images": len(image_ids)}
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = gt
         coco.createIndex()
-    for iou_type in ("segm", "bbox"):
-        if not results or not gt["annotations"]:
-            metrics[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
-            continue
-        with contextlib.redirect_stdout(io.StringIO()):
-            dt = coco.loadRes(results)
-            ev = COCOeval(coco, dt, iou_type)
-            ev.params.imgIds = list(image_ids)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        # -1 (no ground truth of a size range) is reported as such, not as a score.
-        metrics[iou_type] = {n: round(float(v) * 100, 2) if v >= 0 else -1.0 for n, v in zip(STAT_NAMES, ev.stats)}
-    return metrics
+    return {"images": len(image_ids), **coco_metrics(coco, results, image_ids)}
 
 
 def _rle(mask: np.ndarray) -> dict[str, Any]:
@@ -220,7 +216,7 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
     from rasterio.windows import transform as window_transform
 
     from rs_engine.checkpoint import read_card
-    from rs_engine.raster import PIXEL_FRAME
+    from rs_engine.raster import georeference, open_raster
     from rs_engine.segment import SegmentOptions, segment
     from training.local import load_aoi, load_labels, reproject
 
@@ -248,11 +244,9 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
         return names[key]
 
     for raster in rasters:
-        with rasterio.open(raster) as ds:
-            crs, transform, width, height = ds.crs, ds.transform, ds.width, ds.height
+        with open_raster(raster) as ds:  # the frame the engine segmented it in (GCP fit included)
+            (transform, crs), width, height = georeference(ds), ds.width, ds.height
         truth, truth_names = load_labels(labels, class_field, crs)
-        if transform.is_identity:  # no georeferencing: the engine's (and QGIS's) pixel frame
-            transform = PIXEL_FRAME
         raster_box = shapely.box(*_bounds(transform, width, height))
         region = load_aoi(aoi, crs).intersection(raster_box) if aoi else raster_box
         if region.is_empty:

@@ -79,10 +79,11 @@ from rasterio.errors import CRSError
 from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
 
-from rs_engine.checkpoint import ModelCard
 from rs_engine.errors import InputError
-from rs_engine.raster import RasterSource, Tile, plan_offsets
+from rs_engine.raster import RasterSource
+from rs_engine.tiling import plan_offsets
 from training.augment import AugmentConfig, augment, crop_size, make_target, resize
+from training.bandstats import BandStatistics
 from training.coco import ChipSpec
 
 log = logging.getLogger(__name__)
@@ -475,10 +476,6 @@ class LocalChips(torch.utils.data.Dataset):
         self.bands = list(bands) if bands is not None else [b + 1 for b in spec.bands]
         if len(spec.mean) != len(self.bands) or len(spec.std) != len(self.bands):
             raise ValueError(f"spec has {len(spec.mean)}/{len(spec.std)} mean/std values for bands {self.bands}")
-        # Identity normalisation: sources give raw values (nodata -> 0, plus a valid mask); chips use spec later.
-        n = len(self.bands)
-        self._card = ModelCard(name="training-chips", version="0", architecture={}, class_names=[], bands=n,
-                               mean=[0.0] * n, std=[1.0] * n)
         layer_crs = _layer_crs(labels)
         if aoi is not None:
             _layer_info(aoi)
@@ -492,7 +489,7 @@ class LocalChips(torch.utils.data.Dataset):
         all_fids: set[int] = set()
         size = spec.size
         for r, path in enumerate(Path(p) for p in rasters):
-            with RasterSource(path, self._card, bands=self.bands, resample=False) as src:
+            with self._open(path) as src:
                 transform, crs, width, height = src.transform, src.crs, src.grid.width, src.grid.height
             if crs is None and layer_crs is not None:
                 raise InputError(
@@ -687,19 +684,7 @@ class LocalChips(torch.utils.data.Dataset):
     def _read(self, raster: int, x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
         """(C, h, w) float32 raw pixels (0 where invalid) and (h, w) valid mask under a window that may reach
         past the raster's edges (those pixels are invalid)."""
-        ras = self._rasters[raster]
-        raw = np.zeros((len(self.bands), h, w), np.float32)
-        valid = np.zeros((h, w), bool)
-        ix0, iy0 = max(x0, 0), max(y0, 0)
-        ix1, iy1 = min(x0 + w, ras.width), min(y0 + h, ras.height)
-        if ix1 <= ix0 or iy1 <= iy0:
-            return raw, valid
-        side = max(ix1 - ix0, iy1 - iy0)
-        tile = Tile(0, 0, 0, ix0, iy0, side, (ix0, iy0, ix0 + side, iy0 + side), (False, False, False, False))
-        data, ok = self._source(raster).read_tile(tile)
-        raw[:, iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = data[:, : iy1 - iy0, : ix1 - ix0]
-        valid[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = ok[: iy1 - iy0, : ix1 - ix0]
-        return raw, valid
+        return self._source(raster).read_window(Window(x0, y0, w, h))
 
     def band_statistics(self, max_pixels: int = 4_000_000) -> tuple[list[float], list[float]]:
         """Per-band mean and std in raw raster units (complex -> magnitude) over this split's region.
@@ -725,35 +710,29 @@ class LocalChips(torch.utils.data.Dataset):
         take = max(1, max_pixels // (s * s))
         if len(wins) > take:
             wins = [wins[i] for i in np.unique(np.linspace(0, len(wins) - 1, take).round().astype(int))]
-        shift = sums = sqs = None
-        n = 0
+        stats = BandStatistics()
         for r, (x0, y0, w, h) in wins:
             raw, valid = self._read(r, x0, y0, w, h)
             inside = rasterio.features.rasterize([(self._rasters[r].region, 1)], out_shape=(h, w),
                                                  transform=Affine.translation(x0, y0), dtype=np.uint8)
-            values = raw[:, valid & inside.astype(bool)].astype(np.float64)
-            if not values.shape[1]:
-                continue
-            if shift is None:  # shifted sums keep the variance exact for large raw values
-                shift = values.mean(axis=1, keepdims=True)
-                sums, sqs = np.zeros(len(self.bands)), np.zeros(len(self.bands))
-            d = values - shift
-            sums, sqs, n = sums + d.sum(axis=1), sqs + (d**2).sum(axis=1), n + values.shape[1]
-        if not n:
+            stats.add(raw[:, valid & inside.astype(bool)])
+        if not stats.count:
             raise InputError(f"{self._rasters[0].path.name}: no valid pixel in the annotated area (all nodata?)")
-        mean = shift[:, 0] + sums / n
-        std = np.sqrt(np.maximum(sqs / n - (sums / n) ** 2, 1e-6))
-        return [float(v) for v in mean], [float(v) for v in std]
+        return stats.result()
 
     # -- resources
+
+    def _open(self, path: Path) -> RasterSource:
+        # No normalisation (raw values, nodata -> 0 plus a valid mask; chips are normalised with the spec later)
+        # and no resampling: labels are rasterised on the source pixels.
+        return RasterSource(path, len(self.bands), bands=self.bands, resample=False, label="the training chips")
 
     def _source(self, raster: int) -> RasterSource:
         """This process's open source of a raster (opened on first use; DataLoader workers open their own)."""
         if self._pid != os.getpid():
             self._sources, self._pid = {}, os.getpid()
         if raster not in self._sources:
-            self._sources[raster] = RasterSource(self._rasters[raster].path, self._card, bands=self.bands,
-                                                 resample=False)
+            self._sources[raster] = self._open(self._rasters[raster].path)
         return self._sources[raster]
 
     def _worker_rng(self) -> np.random.Generator:

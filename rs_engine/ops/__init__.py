@@ -4,7 +4,6 @@ the orthonormal DCT-II / DCT-III as cached matrix products."""
 from rs_engine.ops.dct import dct, dct2, dct_matrix, idct, idct2
 from rs_engine.ops.selective_scan import (
     DEFAULT_CHUNK_SIZE,
-    HAS_MAMBA_SSM_CUDA,
     has_mamba_ssm_cuda,
     mamba_ssm_status,
     scan_backend,
@@ -20,7 +19,6 @@ __all__ = [
     "idct",
     "idct2",
     "DEFAULT_CHUNK_SIZE",
-    "HAS_MAMBA_SSM_CUDA",
     "has_mamba_ssm_cuda",
     "mamba_ssm_status",
     "scan_backend",

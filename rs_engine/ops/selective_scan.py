@@ -70,7 +70,6 @@ import torch.nn.functional as F
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
-    "HAS_MAMBA_SSM_CUDA",
     "has_mamba_ssm_cuda",
     "mamba_ssm_status",
     "scan_backend",
@@ -117,10 +116,6 @@ def has_mamba_ssm_cuda() -> bool:
     The import is attempted once, lazily, and cached; mamba_ssm is never required.
     """
     return torch.cuda.is_available() and _load_mamba_ssm()[0] is not None
-
-
-#: Alias for ``rs-engine doctor`` and callers that spell it as a constant-like name.
-HAS_MAMBA_SSM_CUDA = has_mamba_ssm_cuda
 
 
 def mamba_ssm_status() -> str:

@@ -286,9 +286,18 @@ def test_dispatcher_uses_pytorch_path_on_cpu(monkeypatch):
     assert "not importable" in mamba_ssm_status()
 
 
-def test_mamba_ssm_probe_is_safe():
-    assert isinstance(has_mamba_ssm_cuda(), bool)
-    assert isinstance(mamba_ssm_status(), str)
+def test_mamba_ssm_probe_is_safe(monkeypatch):
+    if not torch.cuda.is_available():
+        assert has_mamba_ssm_cuda() is False
+        assert mamba_ssm_status() == "selective scan: chunked PyTorch (CUDA not available)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ss, "_load_mamba_ssm", lambda: (None, "mamba_ssm not importable (ImportError: x)"))
+    assert has_mamba_ssm_cuda() is False
+    status = "selective scan: chunked PyTorch on CUDA tensors (mamba_ssm not importable (ImportError: x))"
+    assert mamba_ssm_status() == status
+    monkeypatch.setattr(ss, "_load_mamba_ssm", lambda: (object(), "mamba_ssm imported"))
+    assert has_mamba_ssm_cuda() is True
+    assert mamba_ssm_status() == "selective scan: mamba-ssm CUDA kernel for CUDA tensors"
 
 
 CUDA_AND_MAMBA = torch.cuda.is_available() and has_mamba_ssm_cuda()

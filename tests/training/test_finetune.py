@@ -75,7 +75,9 @@ def test_interrupted_finetune_resumes(tmp_path) -> None:
         if json.loads(line)["event"] == "progress":
             p.send_signal(signal.SIGTERM)
             break
+    rest = [json.loads(line) for line in p.stdout]
     assert p.wait(timeout=300) == 130
+    assert rest[-1] == {"event": "cancelled"}  # the same cancel report as rs-engine's
     assert not out.exists()
     from safetensors import safe_open
 
