@@ -209,8 +209,7 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
     """
     import tempfile
 
-    import pyogrio
-    import rasterio
+    import geopandas
     import shapely
     from rasterio.windows import Window, from_bounds
     from rasterio.windows import transform as window_transform
@@ -218,7 +217,7 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
     from rs_engine.checkpoint import read_card
     from rs_engine.raster import georeference, open_raster
     from rs_engine.segment import SegmentOptions, segment
-    from training.local import load_aoi, load_labels, reproject
+    from training.labels import load_aoi, load_labels
 
     card = read_card(model)
     with tempfile.TemporaryDirectory(prefix="rs-eval-") as tmp:
@@ -226,10 +225,7 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
         segment([Path(r) for r in rasters], pred_path,
                 SegmentOptions(model=model, device=device, bands=bands, tile_size=tile_size, overlap=overlap,
                                score_threshold=ap_score_threshold))
-        meta, _, wkb, fields = pyogrio.raw.read(pred_path, layer="instances")
-    cols = dict(zip(meta["fields"].tolist(), fields))
-    pred_geoms = shapely.from_wkb(wkb) if len(wkb) else np.array([])
-    pred_crs = meta.get("crs")
+        predictions = geopandas.read_file(pred_path, layer="instances", engine="pyogrio")
 
     gt: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     results: list[dict[str, Any]] = []
@@ -251,11 +247,11 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
         region = load_aoi(aoi, crs).intersection(raster_box) if aoi else raster_box
         if region.is_empty:
             continue
-        mine = cols["source"] == Path(raster).name
-        geoms = pred_geoms[mine] if len(pred_geoms) else pred_geoms
-        if len(geoms) and pred_crs and crs and (src := rasterio.crs.CRS.from_user_input(pred_crs)) != crs:
-            geoms = reproject(geoms, src, crs)
-        p_names, p_scores = cols["class_name"][mine], cols["score"][mine].astype(float)
+        mine = predictions[predictions["source"] == Path(raster).name]
+        if len(mine) and mine.crs is not None and crs is not None:
+            mine = mine.to_crs(crs.to_wkt())  # the output CRS (--crs) may differ from the raster's
+        geoms, p_names = list(mine.geometry), mine["class_name"].tolist()
+        p_scores = mine["score"].astype(float).tolist()
         t_geoms = [g for g in truth.geometries]
         t_cats = [cat(truth_names[lab - 1]) for lab in truth.labels]
         t_in = [region.contains(g.centroid) for g in t_geoms]

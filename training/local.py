@@ -8,14 +8,8 @@ uint8))``.
 
 Decisions:
 
-- **Labels** are read with pyogrio, reprojected to each raster's CRS, invalid geometries repaired with
-  ``shapely.make_valid`` (polygonal parts kept), and empty, null, non-polygon or unreprojectable features skipped
-  with one warning per kind listing the feature ids (the layer's FIDs, as QGIS shows them). A MultiPolygon
-  feature is one instance. Class names are the sorted distinct values of the class field (numerically sorted
-  when they are all numbers; ``1.0`` reads as ``"1"``; null or blank values are skipped and reported), mapped to
-  labels 1..K; with ``class_names`` given (fine-tuning a model), those are used and unknown values are an error.
-  Labels without a CRS are taken to be in the raster's CRS (warning); a raster without a CRS and labels with one
-  is an error (the labels can't be placed).
+- **Labels** are read, reprojected, repaired and mapped to classes by :mod:`training.labels` (geopandas); a raster
+  without a CRS and labels with one is an error (the labels can't be placed).
 - **Annotated area.** With an AOI layer, its polygons (union, clipped to each raster) are the fully annotated
   area. Without one, the default is, per raster, the bounding box (in the raster's pixel grid) of the features
   touching that raster, expanded by half a chip on every side and clipped to the raster: the analyst is assumed
@@ -24,17 +18,11 @@ Decisions:
   band mean, as nodata) and instance masks are clipped to it, so unlabelled objects are never taught as
   background. Features that touch no raster are dropped with a warning (count and ids); features partly
   outside a raster keep their part inside it.
-- **Train/validation split by area.** Each raster's annotated area is cut by a grid of square blocks of
-  ``4 * spec.size`` px aligned to the raster's pixel (0, 0). Blocks are taken in a seeded random order
-  (``split_seed``, per raster) and put in validation while that brings the validation area closer to
-  ``val_fraction`` of the area; at least one block goes to validation (when ``val_fraction > 0``) and at least
-  one stays in training. A raster whose area lies in a single block is instead cut at a pixel column: the
-  eastern part holding ``val_fraction`` of the area is validation. The training region is the annotated area
-  minus the validation region, so the two never overlap and together cover the annotated area; block edges and
-  the cut lie on pixel edges, so every pixel belongs to exactly one split. Chips of one split are masked to that
-  split's region (pixels of the other split are 0, its objects clipped away), so nothing leaks across the
-  boundary, whatever the chip position. The split depends only on the areas, ``spec.size``, ``val_fraction``
-  and ``split_seed``, never on ``seed``: datasets for train and val built with different chip seeds agree.
+- **Train/validation split by area** (:mod:`training.area_split`): each raster's annotated area is cut by blocks
+  of ``4 * spec.size`` px (``split_seed``, per raster); the training region is the annotated area minus the
+  validation region, so the two never overlap and together cover the annotated area. Chips of one split are
+  masked to that split's region (pixels of the other split are 0, its objects clipped away), so nothing leaks
+  across the boundary, whatever the chip position.
 - **Bands.** ``bands`` are 1-based raster band indexes (repeats allowed: ``[1, 1, 1]`` feeds a 1-band raster to a
   3-band model), as ``rs-engine --bands``. Without ``bands``, they are derived from ``spec.bands`` (0-based, the
   COCO convention): ``[b + 1 for b in spec.bands]``.
@@ -66,25 +54,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyogrio
 import rasterio.features
-import rasterio.warp
 import shapely
 import torch
 from affine import Affine
-from pyogrio import raw as ogr_raw
-from pyogrio.errors import DataLayerError, DataSourceError, FieldError, GeometryError
 from rasterio.crs import CRS
-from rasterio.errors import CRSError
 from rasterio.windows import Window
 from shapely.geometry.base import BaseGeometry
 
 from rs_engine.errors import InputError
 from rs_engine.raster import RasterSource
 from rs_engine.tiling import plan_offsets
+from training.area_split import split_by_area
 from training.augment import AugmentConfig, augment, crop_size, make_target, resize
 from training.bandstats import BandStatistics
 from training.coco import ChipSpec
+from training.labels import EMPTY, LabelSet, layer_crs, layer_info, load_aoi, load_labels, polygonal, report
 
 log = logging.getLogger(__name__)
 
@@ -94,295 +79,6 @@ SPLIT_BLOCK_CHIPS = 4
 OBJECT_CHIP_SHARE = 0.5
 #: Instances cut by a chip edge are dropped when less than this share of their area (in the split) is visible.
 MIN_VISIBLE = 0.2
-#: Feature ids listed in one log message at most.
-MAX_LISTED = 20
-
-_POLYGON, _MULTIPOLYGON, _COLLECTION = 3, 6, 7
-_EMPTY = shapely.GeometryCollection()
-
-
-# ------------------------------------------------------------------------------------------------- labels
-
-
-@dataclass
-class LabelSet:
-    """Polygon labels of one layer in one raster's CRS.
-
-    Attributes:
-        geometries: valid, non-empty Polygons / MultiPolygons in the raster's CRS (map units).
-        labels: class labels 1..len(class_names), one per geometry.
-        fids: the layer's feature ids (FIDs), one per geometry, for messages.
-    """
-
-    geometries: list[BaseGeometry]
-    labels: list[int]
-    fids: list[int]
-
-    def __len__(self) -> int:
-        return len(self.geometries)
-
-
-def load_labels(
-    path: str | Path, class_field: str, crs: CRS | None, class_names: Sequence[str] | None = None
-) -> tuple[LabelSet, list[str]]:
-    """Read a polygon layer with a class field, in ``crs``.
-
-    Args:
-        path: any OGR vector file (GeoPackage, GeoJSON, Shapefile, ...); its first layer is read.
-        class_field: the attribute holding the class (text or number). Matched exactly, else ignoring case.
-        crs: the raster's CRS to reproject to; None: no reprojection (coordinates used as they are).
-        class_names: the classes to map to labels 1..K (a model's classes when fine-tuning); None: the sorted
-            distinct values of ``class_field``.
-
-    Returns:
-        The labels (see :class:`LabelSet`) and the class names (label i is ``class_names[i - 1]``).
-
-    Raises:
-        InputError: the file is missing or unreadable, has no ``class_field`` (the message lists the fields),
-            holds values not in ``class_names``, or has no polygon feature with a class left.
-    """
-    path = Path(path)
-    info = _layer_info(path)
-    fields = [str(f) for f in info["fields"]]
-    field = _match_field(class_field, fields, path)
-    geoms, fids, values = _read_polygons(path, crs, [field])
-    texts = [_class_text(v) for v in values[0]] if len(geoms) else []
-    blank = [i for i, t in enumerate(texts) if t is None]
-    if blank:
-        _report(path, f"skipped {{n}} feature(s) with no value in '{field}'", fids[blank])
-    keep = np.array([t is not None for t in texts], bool)
-    geoms, fids = geoms[keep], fids[keep]
-    texts = [t for t in texts if t is not None]
-    if not len(geoms):
-        raise InputError(f"{path}: no polygon feature with a class in field '{field}' (is it a polygon layer?)")
-    if class_names is None:
-        names = sorted(set(texts), key=(lambda t: (float(t), t)) if all(map(_is_number, texts)) else None)
-    else:
-        names = [str(n) for n in class_names]
-        unknown = sorted(set(texts) - set(names))
-        if unknown:
-            raise InputError(
-                f"{path}: field '{field}' has classes the model doesn't know: {', '.join(unknown)} "
-                f"(model classes: {', '.join(names)})"
-            )
-    index = {n: i + 1 for i, n in enumerate(names)}
-    labels = LabelSet(list(geoms), [index[t] for t in texts], [int(f) for f in fids])
-    log.info("%s: %d labelled feature(s), classes %s", path.name, len(labels), names)
-    return labels, names
-
-
-def load_aoi(path: str | Path, crs: CRS | None) -> BaseGeometry:
-    """Union of the polygons of an AOI layer (the fully annotated area), in ``crs`` (None: no reprojection).
-
-    Invalid polygons are repaired, empty and non-polygon features skipped (as :func:`load_labels`).
-
-    Raises:
-        InputError: the file is missing or unreadable, or has no polygon.
-    """
-    path = Path(path)
-    _layer_info(path)
-    geoms, _, _ = _read_polygons(path, crs, [])
-    if not len(geoms):
-        raise InputError(f"{path}: AOI layer has no polygon")
-    return shapely.union_all(geoms)
-
-
-def _layer_info(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        info = pyogrio.read_info(path)
-    except (DataSourceError, DataLayerError, OSError) as exc:
-        raise InputError(f"{path}: not a vector layer GDAL can read ({_first_line(exc)})") from None
-    if info.get("geometry_type") is None:
-        raise InputError(f"{path}: layer has no geometry (is it a table?)")
-    return info
-
-
-def _match_field(name: str, fields: list[str], path: Path) -> str:
-    if name in fields:
-        return name
-    folded = [f for f in fields if f.lower() == name.lower()]
-    if len(folded) == 1:
-        return folded[0]
-    raise InputError(f"{path}: no field '{name}' (fields: {', '.join(fields) or 'none'})")
-
-
-def _layer_crs(path: Path) -> CRS | None:
-    """The layer's CRS, or None when it has none."""
-    text = _layer_info(path).get("crs")
-    if not text:
-        return None
-    try:
-        return CRS.from_user_input(text)
-    except CRSError as exc:
-        raise InputError(f"{path}: its CRS is not understood ({_first_line(exc)})") from None
-
-
-def _read_polygons(path: Path, crs: CRS | None, columns: list[str]) -> tuple[np.ndarray, np.ndarray, list[Any]]:
-    """Valid (Multi)Polygons of a layer in ``crs`` with their FIDs and the kept features' ``columns`` values.
-
-    Skipped features (null, empty, not polygonal, not reprojectable) are reported by FID; invalid ones repaired.
-    """
-    try:
-        meta, fids, wkb, field_data = ogr_raw.read(path, columns=columns, return_fids=True, force_2d=True)
-    except (DataSourceError, DataLayerError, FieldError, GeometryError, OSError) as exc:
-        raise InputError(f"{path}: not a vector layer GDAL can read ({_first_line(exc)})") from None
-    geoms = shapely.from_wkb(np.asarray(wkb, dtype=object), on_invalid="ignore")
-    fids = np.asarray(fids, dtype=np.int64)
-    keep = ~(shapely.is_missing(geoms) | shapely.is_empty(geoms))
-    _report(path, "skipped {n} feature(s) with empty or missing geometry", fids[~keep])
-
-    layer_crs = None
-    if meta.get("crs"):
-        try:
-            layer_crs = CRS.from_user_input(meta["crs"])
-        except CRSError as exc:
-            raise InputError(f"{path}: its CRS is not understood ({_first_line(exc)})") from None
-    if layer_crs is None and crs is not None:
-        log.warning("%s: layer has no CRS; assuming the raster's (%s)", path.name, crs.to_string())
-    elif layer_crs is not None and crs is None:
-        log.warning("%s: layer is in %s but the raster has no CRS; using coordinates as they are",
-                    path.name, layer_crs.to_string())
-    elif layer_crs is not None and layer_crs != crs:
-        geoms[keep] = reproject(geoms[keep], layer_crs, crs)
-        finite = np.isfinite(shapely.bounds(geoms[keep])).all(axis=1)
-        lost = np.flatnonzero(keep)[~finite]
-        _report(path, f"skipped {{n}} feature(s) that can't be reprojected to {crs.to_string()}", fids[lost])
-        keep[lost] = False
-
-    invalid = keep & ~shapely.is_valid(geoms)
-    for i in np.flatnonzero(invalid):
-        geoms[i] = _polygonal(shapely.make_valid(geoms[i]))
-    _report(path, "repaired {n} invalid polygon(s)", fids[invalid])
-    types = shapely.get_type_id(geoms)
-    for i in np.flatnonzero(keep & (types == _COLLECTION)):
-        geoms[i] = _polygonal(geoms[i])
-    polygonal = np.array([g is not None and shapely.get_type_id(g) in (_POLYGON, _MULTIPOLYGON)
-                          and not g.is_empty and g.area > 0 for g in geoms], bool)
-    wrong = keep & ~polygonal
-    if wrong.any():
-        kinds = sorted({shapely.GeometryType(t).name.title() if t >= 0 else "degenerate" for t in types[wrong]})
-        _report(path, f"skipped {{n}} feature(s) that are not polygons ({', '.join(kinds)})", fids[wrong])
-    keep &= polygonal
-    return geoms[keep], fids[keep], [np.asarray(values)[keep] for values in field_data]
-
-
-def reproject(geoms: np.ndarray, src: CRS, dst: CRS) -> np.ndarray:
-    """Geometries from ``src`` to ``dst`` (vertices transformed; edges stay straight in ``dst``)."""
-
-    def transform(coords: np.ndarray) -> np.ndarray:
-        if not len(coords):
-            return coords
-        xs, ys = rasterio.warp.transform(src, dst, coords[:, 0], coords[:, 1])
-        return np.column_stack([xs, ys])
-
-    return shapely.transform(geoms, transform)
-
-
-def _polygonal(geom: BaseGeometry | None) -> BaseGeometry | None:
-    """The polygonal part of a geometry (a collection's polygons, unioned), or None when it has none."""
-    if geom is None:
-        return None
-    kind = shapely.get_type_id(geom)
-    if kind in (_POLYGON, _MULTIPOLYGON):
-        return geom
-    if kind != _COLLECTION:
-        return None
-    parts = shapely.get_parts(shapely.get_parts(geom))
-    polys = [p for p in parts if shapely.get_type_id(p) == _POLYGON and not p.is_empty]
-    if not polys:
-        return None
-    return polys[0] if len(polys) == 1 else shapely.union_all(polys)
-
-
-def _class_text(value: Any) -> str | None:
-    """A class field value as a class name; None for null, NaN or blank."""
-    if value is None:
-        return None
-    if isinstance(value, float | np.floating):
-        if math.isnan(value):
-            return None
-        if float(value).is_integer():
-            return str(int(value))
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    text = str(value).strip()
-    return text or None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _report(path: Path, message: str, fids: np.ndarray) -> None:
-    """Warn about features by FID: ``message`` with ``{n}`` replaced by their count."""
-    if not len(fids):
-        return
-    listed = ", ".join(str(int(f)) for f in fids[:MAX_LISTED])
-    more = f" and {len(fids) - MAX_LISTED} more" if len(fids) > MAX_LISTED else ""
-    log.warning("%s: %s (feature ids %s%s)", path.name, message.format(n=len(fids)), listed, more)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-# -------------------------------------------------------------------------------------------------- split
-
-
-def split_by_area(region: BaseGeometry, block: int, val_fraction: float,
-                  seed: int | Sequence[int] = 0) -> tuple[BaseGeometry, BaseGeometry]:
-    """Cut a region (in pixel coordinates, x = column, y = row) into disjoint train and validation parts.
-
-    Blocks of ``block`` x ``block`` px aligned to pixel (0, 0) go to validation in a seeded random order while
-    that brings the validation area closer to ``val_fraction`` of the region's area (at least one block, never
-    all). A region within a single block is cut at a pixel column instead: the eastern part with
-    ``val_fraction`` of the area is validation.
-
-    Returns:
-        ``(train, val)``: ``train = region - val``; ``val`` is empty when ``val_fraction <= 0``.
-    """
-    if region.is_empty or val_fraction <= 0:
-        return region, _EMPTY
-    x0, y0, x1, y1 = region.bounds
-    cells = np.array([
-        shapely.box(i * block, j * block, (i + 1) * block, (j + 1) * block)
-        for j in range(math.floor(y0 / block), math.ceil(y1 / block))
-        for i in range(math.floor(x0 / block), math.ceil(x1 / block))
-    ], dtype=object)
-    areas = shapely.area(shapely.intersection(cells, region))
-    cells, areas = cells[areas > 0], areas[areas > 0]
-    target = val_fraction * float(areas.sum())
-    if len(cells) >= 2:
-        order = np.random.default_rng(seed).permutation(len(cells))
-        chosen: list[int] = []
-        total = 0.0
-        for k in order:
-            if len(chosen) == len(cells) - 1:
-                break
-            if abs(total + areas[k] - target) < abs(total - target):
-                chosen.append(int(k))
-                total += areas[k]
-        val = shapely.intersection(region, shapely.union_all(cells[chosen or [int(order[0])]]))
-    else:
-        lo, hi = x0, x1  # bisection for the column with ``target`` area east of it
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            if shapely.intersection(region, shapely.box(mid, y0, x1, y1)).area > target:
-                lo = mid
-            else:
-                hi = mid
-        cut = round((lo + hi) / 2)
-        val = shapely.intersection(region, shapely.box(cut, y0 - 1, x1 + 1, y1 + 1))
-    val = _polygonal(val) or _EMPTY
-    train = _polygonal(shapely.difference(region, val)) or _EMPTY
-    return train, val
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -476,9 +172,9 @@ class LocalChips(torch.utils.data.Dataset):
         self.bands = list(bands) if bands is not None else [b + 1 for b in spec.bands]
         if len(spec.mean) != len(self.bands) or len(spec.std) != len(self.bands):
             raise ValueError(f"spec has {len(spec.mean)}/{len(spec.std)} mean/std values for bands {self.bands}")
-        layer_crs = _layer_crs(labels)
+        labels_crs = layer_crs(labels)
         if aoi is not None:
-            _layer_info(aoi)
+            layer_info(aoi)
 
         label_cache: dict[str | None, LabelSet] = {}
         aoi_cache: dict[str | None, BaseGeometry] = {}
@@ -491,9 +187,9 @@ class LocalChips(torch.utils.data.Dataset):
         for r, path in enumerate(Path(p) for p in rasters):
             with self._open(path) as src:
                 transform, crs, width, height = src.transform, src.crs, src.grid.width, src.grid.height
-            if crs is None and layer_crs is not None:
+            if crs is None and labels_crs is not None:
                 raise InputError(
-                    f"{path}: raster has no CRS but {labels.name} is in {layer_crs.to_string()}; "
+                    f"{path}: raster has no CRS but {labels.name} is in {labels_crs.to_string()}; "
                     "assign the raster a CRS (or give labels without a CRS, in the raster's coordinates)"
                 )
             key = crs.to_wkt() if crs is not None else None
@@ -513,7 +209,7 @@ class LocalChips(torch.utils.data.Dataset):
             self.labelsets.append(LabelSet([layer.geometries[i] for i in idx], [layer.labels[i] for i in idx],
                                            [layer.fids[i] for i in idx]))
             if aoi is not None:
-                annotated = _polygonal(shapely.intersection(_affine(aoi_cache[key], inverse), footprint))
+                annotated = polygonal(shapely.intersection(_affine(aoi_cache[key], inverse), footprint))
             elif len(idx):
                 bx0, by0, bx1, by1 = shapely.total_bounds(geoms_px[idx])
                 half = size / 2
@@ -522,7 +218,7 @@ class LocalChips(torch.utils.data.Dataset):
                 ), footprint)
             else:
                 annotated = None
-            annotated = annotated if annotated is not None and annotated.area > 0 else _EMPTY
+            annotated = annotated if annotated is not None and annotated.area > 0 else EMPTY
             if annotated.is_empty:
                 log.info("%s: no %s on this raster; it gives no chips", path.name,
                          "AOI" if aoi is not None else "labelled feature")
@@ -531,7 +227,7 @@ class LocalChips(torch.utils.data.Dataset):
             else:
                 parts = split_by_area(annotated, SPLIT_BLOCK_CHIPS * size, val_fraction, [split_seed, r])
                 region = parts[0] if split == "train" else parts[1]
-            inst = _polygonal_array(shapely.intersection(geoms_px[idx], region)) if len(idx) else np.empty(
+            inst = polygonal_array(shapely.intersection(geoms_px[idx], region)) if len(idx) else np.empty(
                 0, object)
             ok = np.array([g is not None and g.area > 0 for g in inst], bool)
             classes = np.array([layer.labels[i] for i in idx], np.int64)[ok] if len(idx) else np.empty(0, np.int64)
@@ -543,7 +239,7 @@ class LocalChips(torch.utils.data.Dataset):
 
         self.class_names: list[str] = names or []
         outside = sorted(all_fids - touched)
-        _report(labels, "ignored {n} feature(s) outside every raster", np.array(outside, np.int64))
+        report(labels, "ignored {n} feature(s) outside every raster", np.array(outside, np.int64))
         if all(ras.annotated.is_empty for ras in self._rasters):
             if aoi is not None:
                 raise InputError(f"{aoi}: AOI does not overlap any raster (is it in the right CRS?)")
@@ -769,9 +465,9 @@ def _slide(start: int, size: int, lo: float, hi: float, centre: float) -> int:
     return int(min(max(start, math.ceil(centre) - size), math.floor(centre)))
 
 
-def _polygonal_array(geoms: np.ndarray) -> np.ndarray:
+def polygonal_array(geoms: np.ndarray) -> np.ndarray:
     out = np.empty(len(geoms), dtype=object)
-    out[:] = [_polygonal(g) if g is not None and not g.is_empty else None for g in geoms]
+    out[:] = [polygonal(g) if g is not None and not g.is_empty else None for g in geoms]
     return out
 
 

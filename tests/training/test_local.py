@@ -24,7 +24,9 @@ from scipy import ndimage
 from rs_engine.errors import InputError
 from training.augment import AugmentConfig
 from training.coco import ChipSpec
-from training.local import LocalChips, load_aoi, load_labels, split_by_area
+from training.area_split import split_by_area
+from training.labels import load_aoi, load_labels
+from training.local import LocalChips
 
 #: 1 m pixels in UTM 31N; pixel (col, row) -> (500000 + col, 5000000 - row). Near lon 3, lat 45.
 T = Affine(1.0, 0.0, 500_000.0, 0.0, -1.0, 5_000_000.0)
@@ -111,7 +113,7 @@ def test_repairs_and_reports(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     geoms = [px_box(0, 0, 10, 10), bowtie, shapely.Polygon(), None, shapely.Point(T.c + 5, T.f - 5)]
     path = write_layer(tmp_path / "l.gpkg", geoms, ["a"] * 5)
     fids = layer_fids(path)
-    with caplog.at_level(logging.WARNING, logger="training.local"):
+    with caplog.at_level(logging.WARNING, logger="training.labels"):
         labels, _ = load_labels(path, "cls", CRS.from_string(UTM))
     assert labels.fids == [fids[0], fids[1]]
     repaired = labels.geometries[1]
@@ -189,7 +191,7 @@ def test_masks_match_rasterize_multipolygon_and_outside(tmp_path: Path, caplog: 
     path = write_layer(tmp_path / "l.gpkg", geoms, ["a", "a", "b", "b"])
     fids = layer_fids(path)
     aoi = write_layer(tmp_path / "aoi.gpkg", [px_box(0, 0, 256, 256)])
-    with caplog.at_level(logging.WARNING, logger="training.local"):
+    with caplog.at_level(logging.WARNING, logger="training.labels"):
         ds = LocalChips([raster], path, "cls", spec(64), aoi=aoi, train=False)
     assert f"ignored 1 feature(s) outside every raster (feature ids {fids[2]})" in caplog.text
     assert ds.labelsets[0].fids == [fids[0], fids[1], fids[3]] and ds.num_instances == 3
