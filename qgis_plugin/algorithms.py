@@ -1,7 +1,8 @@
 """Processing algorithms ``delineate:segment`` and ``delineate:finetune``: the engine's commands as Processing
-tools (toolbox, batch mode, Model Builder, ``qgis_process``). They run the same :class:`~.engine.EngineJob` as the
-dock, synchronously in the algorithm's thread; Cancel ends the engine process; engine errors become
-``QgsProcessingException`` with the engine's one-line message."""
+tools (toolbox, batch mode, Model Builder, ``qgis_process``). ``delineate:segment`` plans and runs its raster with
+the dock's own :mod:`.runs` (the same rendering of web layers at the model's GSD, bands, command and engine runner),
+blocking in the algorithm's thread; Cancel ends the engine process; engine errors become
+``QgsProcessingException`` with the engine's one-line message; engine warnings become feedback warnings."""
 
 from __future__ import annotations
 
@@ -32,12 +33,21 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QCoreApplication
 
-from .commands import describe_epoch, finetune_args, finetune_percent, segment_args, segment_percent
-from .engine import EngineJob, EngineResult, remove_partial_outputs
-from .layers import LayerError, band_selection, raster_file, render_pixel_size, render_to_geotiff, style_result_layer
+from .commands import describe_epoch, finetune_args, finetune_percent
+from .engine import EngineJob, EngineResult
+from .layers import LayerError, raster_file, result_layer_name, style_result_layer
+from .models import ModelError, describe_model
+from .runs import (
+    COMMAND,
+    DEVICES,
+    RunQueue,
+    SegmentOptions,
+    engine_line,
+    needs_model_card,
+    plan_run,
+    relay_to,
+)
 from .settings import add_user_model
-
-DEVICES = ["auto", "cpu", "cuda"]
 
 
 def _tr(text: str) -> str:
@@ -57,22 +67,25 @@ def _advanced(param: QgsProcessingParameterDefinition) -> QgsProcessingParameter
     return param
 
 
-def _run(job: EngineJob, feedback: QgsProcessingFeedback, percent: Any) -> EngineResult:
-    """Run ``job`` to its end, relaying progress and output lines to ``feedback``."""
+def _train(args: list[str], feedback: QgsProcessingFeedback) -> EngineResult:
+    """Run ``rs-train`` with ``args`` to its end in this thread, relaying progress, epochs and output lines."""
+    job = EngineJob("rs-train", args)
+    relay = relay_to(feedback)
+
     def on_event(event: dict) -> None:
         if event.get("event") == "progress":
-            value = percent(event)
+            value = finetune_percent(event)
             if value is not None:
                 feedback.setProgress(value)
         elif event.get("event") == "epoch":
             feedback.pushInfo(describe_epoch(event))
 
     job.engineEvent.connect(on_event)
-    job.logLine.connect(feedback.pushConsoleInfo)
-    feedback.pushCommandInfo(" ".join([job.tool, *job.args]))
-    if not job.start():
-        raise QgsProcessingException(job.result.message if job.result else "engine did not start")
-    result = job.wait(feedback)
+    job.logLine.connect(lambda line: relay(*engine_line(line)))
+    relay(" ".join([job.tool, *job.args]), COMMAND)
+    if job.start():
+        job.wait(feedback)
+    result = job.result
     if result.cancelled:
         raise QgsProcessingException(_tr("Cancelled"))
     if not result.ok:
@@ -151,45 +164,38 @@ class SegmentAlgorithm(QgsProcessingAlgorithm):
         output = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         if not output.lower().endswith(".gpkg"):
             raise QgsProcessingException(_tr(f"OUTPUT must be a GeoPackage (.gpkg), not {output}"))
-        model = (self.parameterAsString(parameters, self.MODEL, context) or "nwpu10").strip()
-        bands = self.parameterAsString(parameters, self.BANDS, context) or ""
         extent = None
         if _optional(parameters, self.EXTENT) is not None:
             rect = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
             if not rect.isEmpty():
                 extent = rect
-        source = raster_file(layer)
-        if source is None:  # web / non-file raster: render it through QGIS first
-            rect = extent or layer.extent()
-            path = os.path.join(QgsProcessingUtils.tempFolder(), f"delineate_render_{os.getpid()}.tif")
-            feedback.pushInfo(_tr(f"rendering {layer.name()} to {path}"))
-            try:
-                source = render_to_geotiff(layer, rect, render_pixel_size(layer, None, rect), path, feedback)
-            except LayerError as exc:
-                raise QgsProcessingException(str(exc)) from exc
-            bands = bands or band_selection(4, 3, rendered=True)
-            extent = None
-        tile = _optional(parameters, self.TILE_SIZE)
-        overlap = _optional(parameters, self.OVERLAP)
-        score = _optional(parameters, self.SCORE_THRESHOLD)
-        args = segment_args(
-            [source], output, model,
-            tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context) if tile is not None else None,
-            overlap=self.parameterAsInt(parameters, self.OVERLAP, context) if overlap is not None else None,
-            score_threshold=(self.parameterAsDouble(parameters, self.SCORE_THRESHOLD, context)
-                             if score is not None else None),
-            bands=bands, device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-            extent=(extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()) if extent else None)
-        job = EngineJob("rs-engine", args)
+
+        def opt(name: str, as_type: Any) -> Any:
+            return as_type(parameters, name, context) if _optional(parameters, name) is not None else None
+
+        options = SegmentOptions.for_key(
+            (self.parameterAsString(parameters, self.MODEL, context) or "nwpu10").strip(),
+            tile_size=opt(self.TILE_SIZE, self.parameterAsInt), overlap=opt(self.OVERLAP, self.parameterAsInt),
+            score_threshold=opt(self.SCORE_THRESHOLD, self.parameterAsDouble),
+            device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)])
         try:
-            result = _run(job, feedback, segment_percent)
-        finally:
-            if job.result is None or not job.result.ok:
-                remove_partial_outputs(output, job.pid or None)
-        feedback.pushInfo(_tr(f"{result.done.get('features', '?')} instances written to {output}"))
+            if needs_model_card(layer):
+                options = options.with_card(describe_model(options.model, feedback))
+            run = plan_run(layer, options, output, render_dir=QgsProcessingUtils.tempFolder(), extent=extent,
+                           bands=self.parameterAsString(parameters, self.BANDS, context) or "")
+        except (ModelError, LayerError) as exc:
+            raise QgsProcessingException(str(exc)) from exc
+        queue = RunQueue(add_layers=False)  # direct calls: the feedback may live in another thread
+        queue.message.connect(relay_to(feedback))
+        queue.progressChanged.connect(lambda value: feedback.setProgress(value))
+        result = queue.run_blocking([run], options, feedback)
+        if result.cancelled:
+            raise QgsProcessingException(_tr("Cancelled"))
+        if not result.ok:
+            raise QgsProcessingException(result.message)
         if context.willLoadLayerOnCompletion(output):
             details = context.layerToLoadOnCompletionDetails(output)
-            details.name = f"{layer.name()} - {os.path.splitext(os.path.basename(model))[0]}"
+            details.name = result_layer_name(layer.name(), options.model_name)
             details.setPostProcessor(ResultStyler.create())
         return {self.OUTPUT: output}
 
@@ -286,7 +292,7 @@ class FinetuneAlgorithm(QgsProcessingAlgorithm):
             max_minutes=(self.parameterAsDouble(parameters, self.MAX_MINUTES, context)
                          if _optional(parameters, self.MAX_MINUTES) is not None else None),
             extra_args=self.parameterAsString(parameters, self.EXTRA_ARGS, context) or "")
-        result = _run(EngineJob("rs-train", args), feedback, finetune_percent)
+        result = _train(args, feedback)
         model = str(result.done.get("output") or output)
         add_user_model(model)
         metrics = result.done.get("metrics") or {}

@@ -1,13 +1,16 @@
-"""Layers in and out of the engine: which rasters the engine can read directly, rendering the others (XYZ, WMS,
-...) to a GeoTIFF, writing edited vector layers to a GeoPackage, and loading + styling the engine's results."""
+"""Layers in and out of the engine: which rasters the engine can read directly, the render pipe and writer for the
+others (XYZ, WMS, ...; :mod:`.runs` decides when and at what resolution), writing edited vector layers to a
+GeoPackage, and loading + styling the engine's results."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 from qgis.core import (
+    Qgis,
     QgsCategorizedSymbolRenderer,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -28,6 +31,8 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
+from .engine import log
+
 RESULT_LAYER = "instances"
 #: distinct, colour-blind friendly (Okabe-Ito, then Tableau 10) colours for the classes
 PALETTE = ("#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7", "#000000",
@@ -40,6 +45,21 @@ class LayerError(ValueError):
     """A layer the engine can't take, with a message for the user."""
 
 
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a layer or model name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "layer"
+
+
+def remove_file(path: str) -> None:
+    """Remove a file the plugin wrote (and its ``.aux.xml``) if it exists; a failure is logged, not raised."""
+    for candidate in (path, path + ".aux.xml"):
+        if os.path.exists(candidate):
+            try:
+                os.remove(candidate)
+            except OSError as exc:
+                log(f"could not remove {candidate}: {exc}", Qgis.Warning)
+
+
 # -- rasters ---------------------------------------------------------------------------------------------------
 def raster_file(layer: QgsRasterLayer) -> str | None:
     """The local file behind a raster layer GDAL reads, or None (web and other non-file rasters)."""
@@ -48,16 +68,6 @@ def raster_file(layer: QgsRasterLayer) -> str | None:
     parts = QgsProviderRegistry.instance().decodeUri("gdal", layer.source())
     path = parts.get("path") or layer.source()
     return path if path and os.path.isfile(path) else None
-
-
-def band_selection(raster_bands: int, model_bands: int, rendered: bool = False) -> str:
-    """``--bands`` for a raster and a model: '' (engine default: the first bands) when the raster has enough
-    bands, the first band repeated for a panchromatic / SAR raster, ``1,2,3`` for a rendered RGBA image."""
-    if rendered:
-        return ",".join(str(b) for b in ([1, 2, 3] if model_bands == 3 else [1] * model_bands))
-    if raster_bands >= model_bands:
-        return ""
-    return ",".join(["1"] * model_bands)
 
 
 def metres_to_map_units(metres: float, crs: QgsCoordinateReferenceSystem) -> float:
@@ -83,7 +93,8 @@ def render_pipe(layer: QgsRasterLayer) -> QgsRasterPipe:
 
 def write_pipe(pipe: QgsRasterPipe, crs: QgsCoordinateReferenceSystem, extent: QgsRectangle, pixel_size: float,
                path: str, feedback: QgsFeedback | None = None, name: str = "raster") -> str:
-    """Write ``extent`` (in ``crs``) of a render pipe into a GeoTIFF at ``pixel_size`` map units per pixel.
+    """Write ``extent`` (in ``crs``) of a render pipe into a GeoTIFF at exactly ``pixel_size`` map units per pixel
+    (the extent grows right and down to whole pixels).
 
     Raises:
         LayerError: empty extent, too many pixels, or the writer failed.
@@ -94,6 +105,8 @@ def write_pipe(pipe: QgsRasterPipe, crs: QgsCoordinateReferenceSystem, extent: Q
     if max(cols, rows) > MAX_RENDER_SIDE:
         raise LayerError(f"{name}: rendering {cols} x {rows} px at {pixel_size:g} map units/px is too "
                          "large; choose the map canvas or selected features as extent")
+    extent = QgsRectangle(extent.xMinimum(), extent.yMaximum() - rows * pixel_size,
+                          extent.xMinimum() + cols * pixel_size, extent.yMaximum())
     writer = QgsRasterFileWriter(path)
     writer.setOutputFormat("GTiff")
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES"])
@@ -108,17 +121,6 @@ def write_pipe(pipe: QgsRasterPipe, crs: QgsCoordinateReferenceSystem, extent: Q
     if error != QgsRasterFileWriter.NoError:
         raise LayerError(f"{name}: rendering to {path} failed (QgsRasterFileWriter error {int(error)})")
     return path
-
-
-def render_to_geotiff(layer: QgsRasterLayer, extent: QgsRectangle, pixel_size: float, path: str,
-                      feedback: QgsFeedback | None = None) -> str:
-    """Render ``extent`` (in the layer's CRS) of a raster layer as QGIS draws it (RGBA, 4 bands) into a GeoTIFF
-    at ``pixel_size`` map units per pixel: XYZ, WMS and other non-file rasters become files the engine reads.
-
-    Raises:
-        LayerError: see :func:`render_pipe` and :func:`write_pipe`.
-    """
-    return write_pipe(render_pipe(layer), layer.crs(), extent, pixel_size, path, feedback, layer.name())
 
 
 def render_pixel_size(layer: QgsRasterLayer, model_gsd: float | None, extent: QgsRectangle) -> float:
@@ -156,7 +158,7 @@ def vector_file(layer: QgsVectorLayer, folder: str) -> str:
         if path and os.path.isfile(path) and not parts.get("layerName") and not parts.get("layerId"):
             return path
     os.makedirs(folder, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layer.name()) or "layer"
+    safe = safe_name(layer.name())
     out = str(Path(folder) / f"{safe}.gpkg")
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = "GPKG"

@@ -66,6 +66,43 @@ class ModelInfo:
                 f"overlap {self.overlap} px, score threshold {self.score_threshold:g}")
 
 
+class ModelError(ValueError):
+    """The engine could not describe a model (unknown name, missing or invalid file), with its message."""
+
+
+def parse_models(stdout: str) -> list[ModelInfo]:
+    """The models of ``rs-engine models --json`` output (user files are listed with name == path).
+
+    Raises:
+        ModelError: the output is not that JSON.
+    """
+    try:
+        entries = json.loads(stdout)
+        return [ModelInfo.from_entry(e, bundled=e.get("name") != e.get("path")) for e in entries]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ModelError("rs-engine models --json printed no model list") from None
+
+
+def describe_model(key: str, feedback: Any = None) -> ModelInfo:
+    """The card of one model (a bundled name or a file path), from the engine, blocking (for Processing: the
+    dock keeps a :class:`ModelCatalog`). ``feedback`` (QgsFeedback) cancels it.
+
+    Raises:
+        ModelError: the engine's message (e.g. "model file not found"), or cancelled.
+    """
+    job = EngineJob("rs-engine", ["models", "--json", key], jsonl=False)
+    if job.start():
+        job.wait(feedback)
+    result = job.result
+    job.deleteLater()
+    if not result.ok:
+        raise ModelError(result.message)
+    models = parse_models(result.stdout)
+    if not models:
+        raise ModelError(f"{key}: the engine did not describe it")
+    return models[-1]  # the bundled models, then the one asked for
+
+
 class ModelCatalog(QObject):
     """Asks the engine for the model cards (asynchronously) and keeps them. ``changed`` after each refresh;
     ``failed(str)`` with the engine's message when it could not list them."""
@@ -118,10 +155,8 @@ class ModelCatalog(QObject):
             self.failed.emit(result.message)
             return
         try:
-            entries = json.loads(result.stdout)
-        except ValueError:
-            self.failed.emit("rs-engine models --json printed no JSON")
+            self.models = parse_models(result.stdout)
+        except ModelError as exc:
+            self.failed.emit(str(exc))
             return
-        # user files are listed as name == path, bundled models by name
-        self.models = [ModelInfo.from_entry(e, bundled=e.get("name") != e.get("path")) for e in entries]
         self.changed.emit()

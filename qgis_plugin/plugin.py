@@ -81,9 +81,7 @@ class DelineatePlugin:
 
     def check_engine(self) -> None:
         """Open the dock's Settings tab and run ``rs-engine doctor`` (in its own process)."""
-        dock = self.show_dock()
-        dock.tabs.setCurrentIndex(2)
-        dock.check_engine()
+        self.show_dock().check_engine()
 
     def unload(self) -> None:
         """Remove the dock, the actions and the provider; end running engine processes."""

@@ -65,7 +65,7 @@ def models_ready() -> None:
     dock = state["dock"]
     dock.select_model(MODEL)
     dock.set_checked_rasters([state["layer"].id()])
-    dock.segment_button.click()
+    dock.segment_tab.segment_button.click()
     poll(lambda: bool(state["results"]), segmented)
 
 

@@ -7,6 +7,8 @@ error:   a band the raster lacks -> the engine's one-line message in the message
 kill:    the engine process killed mid-run -> "engine stopped unexpectedly" reported; the next run works.
 retrain: the Retrain tab fine-tunes on an edited polygon layer; the new model joins the model list.
 web:     an XYZ layer (local tiles) is rendered through QGIS at the map canvas extent, then segmented.
+pan:     a 1-band raster (the SpaceNet example) with the 3-band nwpu10: no band pre-check, the engine repeats band 1;
+         its notice reaches the dock's log and the QGIS message log (as a warning).
 Prints one JSON line of facts (last line of stdout).
 """
 
@@ -72,11 +74,11 @@ def run_and_wait(on_progress=None) -> object:
             if event.get("event") == "progress" and event.get("done", 0) > 0 and not fired:
                 fired.append(event)
                 on_progress()
-        dock.segment_button.click()
+        dock.segment_tab.segment_button.click()
         if dock.job is not None:
             dock.job.engineEvent.connect(hook)
     else:
-        dock.segment_button.click()
+        dock.segment_tab.segment_button.click()
     assert wait_until(lambda: len(results) > n, RUN_TIMEOUT), "run did not finish"
     facts.setdefault("progress_hooks", []).append(len(fired))
     return results[-1]
@@ -103,11 +105,11 @@ if SCENARIO == "segment":
     iface.canvas.setExtent(QgsRectangle(ext.xMinimum(), ext.yMaximum() - 200, ext.xMinimum() + 300,
                                         ext.yMaximum()))
     iface.canvas.refresh()
-    dock.extent_combo.setCurrentIndex(1)  # map canvas
-    dock.output_widget.setFilePath("")  # temporary outputs
-    facts["bands_prefilled"] = dock.bands_edit.text()
-    facts["tile_prefilled"] = dock.tile_spin.value()
-    facts["score_prefilled"] = dock.score_spin.value()
+    dock.segment_tab.extent_combo.setCurrentIndex(1)  # map canvas
+    dock.segment_tab.output_widget.setFilePath("")  # temporary outputs
+    facts["bands_prefilled"] = dock.segment_tab.bands_edit.text()
+    facts["tile_prefilled"] = dock.segment_tab.tile_spin.value()
+    facts["score_prefilled"] = dock.segment_tab.score_spin.value()
     result = run_and_wait()
     facts["ok"], facts["message"] = result.ok, result.message
     layers = vector_layers()
@@ -137,19 +139,20 @@ elif SCENARIO == "cancel":
     layer = add_raster(SPACENET, "atlanta")
     dock.set_checked_rasters([layer.id()])
     out = os.path.join(WORK, "cancelled.gpkg")
-    dock.output_widget.setFilePath(out)
-    result = run_and_wait(on_progress=dock.cancel_button.click)
+    dock.segment_tab.output_widget.setFilePath(out)
+    result = run_and_wait(on_progress=dock.segment_tab.cancel_button.click)
     facts["cancelled"], facts["ok"], facts["exit_code"] = result.cancelled, result.ok, result.exit_code
     facts["layers_added"] = len(vector_layers())
     facts["output_exists"] = os.path.exists(out)
     facts["leftovers"] = leftovers(WORK)
     facts["temp_leftovers"] = leftovers(dock._tmpdir) if dock._tmpdir else []
-    facts["buttons_reset"] = dock.segment_button.isEnabled() and not dock.cancel_button.isEnabled()
+    tab = dock.segment_tab
+    facts["buttons_reset"] = tab.segment_button.isEnabled() and not tab.cancel_button.isEnabled()
 elif SCENARIO == "error":
     layer = add_raster(SSDD, "ssdd")
     dock.set_checked_rasters([layer.id()])
-    dock.bands_edit.setText("5")
-    dock.output_widget.setFilePath(os.path.join(WORK, "error.gpkg"))
+    dock.segment_tab.bands_edit.setText("5")
+    dock.segment_tab.output_widget.setFilePath(os.path.join(WORK, "error.gpkg"))
     result = run_and_wait()
     facts["ok"], facts["exit_code"], facts["message"] = result.ok, result.exit_code, result.message
     facts["bar_messages"] = iface.messages
@@ -159,7 +162,7 @@ elif SCENARIO == "kill":
     layer = add_raster(SPACENET, "atlanta")
     dock.set_checked_rasters([layer.id()])
     out = os.path.join(WORK, "killed.gpkg")
-    dock.output_widget.setFilePath(out)
+    dock.segment_tab.output_widget.setFilePath(out)
 
     def kill_engine() -> None:
         facts["killed_pid"] = dock.job.pid
@@ -173,16 +176,16 @@ elif SCENARIO == "kill":
     # the next run works (on a raster without georeferencing, extent: a selected polygon over its left half)
     small = add_raster(SSDD, "ssdd")
     dock.set_checked_rasters([small.id()])
-    dock.bands_edit.setText("1")
+    dock.segment_tab.bands_edit.setText("1")
     aoi = QgsVectorLayer("Polygon", "aoi", "memory")
     feature = QgsFeature()
     feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(0, -321, 245, 0)))  # pixel frame: x = col, y = -row
     aoi.dataProvider().addFeatures([feature])
     QgsProject.instance().addMapLayer(aoi)
     aoi.selectAll()
-    dock.extent_combo.setCurrentIndex(2)
-    dock.extent_layer_combo.setLayer(aoi)
-    dock.output_widget.setFilePath(os.path.join(WORK, "next.gpkg"))
+    dock.segment_tab.extent_combo.setCurrentIndex(2)
+    dock.segment_tab.extent_layer_combo.setLayer(aoi)
+    dock.segment_tab.output_widget.setFilePath(os.path.join(WORK, "next.gpkg"))
     result = run_and_wait()
     facts["second"] = {"ok": result.ok, "message": result.message}
     facts["layers_after_second"] = [(lyr.name(), lyr.featureCount()) for lyr in vector_layers()
@@ -195,12 +198,12 @@ elif SCENARIO == "web":
     web = local_xyz_layer(WORK)
     facts["web_valid"] = web.isValid()
     dock.set_checked_rasters([web.id()])
-    facts["bands_prefilled"] = dock.bands_edit.text()
+    facts["bands_prefilled"] = dock.segment_tab.bands_edit.text()
     iface.canvas.setDestinationCrs(web.crs())
     mid = spacenet_middle(web.crs())  # the middle 200 m of the SpaceNet tile, in the web layer's CRS (EPSG:3857)
     iface.canvas.setExtent(mid)
-    dock.extent_combo.setCurrentIndex(1)
-    dock.output_widget.setFilePath(os.path.join(WORK, "web.gpkg"))
+    dock.segment_tab.extent_combo.setCurrentIndex(1)
+    dock.segment_tab.output_widget.setFilePath(os.path.join(WORK, "web.gpkg"))
     result = run_and_wait()
     facts["ok"], facts["message"] = result.ok, result.message
     facts["log"] = dock.log_view.toPlainText()[-2000:]
@@ -208,6 +211,26 @@ elif SCENARIO == "web":
     facts["layers"] = [(lyr.name(), lyr.featureCount(), lyr.crs().authid()) for lyr in layers]
     facts["web_crs"] = web.crs().authid()
     facts["renders_left"] = glob.glob(os.path.join(dock._tmpdir or WORK, "render_*"))
+elif SCENARIO == "pan":
+    from qgis.core import Qgis, QgsApplication
+
+    logged: list = []
+    QgsApplication.messageLog().messageReceived.connect(
+        lambda message, tag, level: logged.append((message, tag, int(level))))
+    layer = add_raster(SPACENET, "atlanta")
+    dock.select_model("nwpu10")
+    dock.set_checked_rasters([layer.id()])
+    facts["bands_prefilled"] = dock.segment_tab.bands_edit.text()
+    ext = layer.extent()  # its upper-left 128 m (256 px): one tile
+    iface.canvas.setDestinationCrs(layer.crs())
+    iface.canvas.setExtent(QgsRectangle(ext.xMinimum(), ext.yMaximum() - 128, ext.xMinimum() + 128, ext.yMaximum()))
+    dock.segment_tab.extent_combo.setCurrentIndex(1)
+    dock.segment_tab.output_widget.setFilePath(os.path.join(WORK, "pan.gpkg"))
+    result = run_and_wait()
+    facts["ok"], facts["message"] = result.ok, result.message
+    facts["log"] = dock.log_view.toPlainText()[-3000:]
+    facts["layers"] = [(lyr.name(), lyr.featureCount(), lyr.crs().authid()) for lyr in vector_layers()]
+    facts["warnings_logged"] = [m for m, tag, level in logged if tag == "Delineate" and level == int(Qgis.Warning)]
 elif SCENARIO == "retrain":
     # Retrain tab: an edited (unsaved) polygon layer -> temporary GeoPackage -> rs-train finetune -> model list
     data = ROOT.parent / "shared" / "data" / "spacenet_samples"
@@ -218,29 +241,29 @@ elif SCENARIO == "retrain":
     first = next(labels.getFeatures())
     labels.changeAttributeValue(first.id(), labels.fields().indexOf("building"), "yes")  # an unsaved edit
     facts["labels_modified"] = labels.isModified()
-    dock.labels_combo.setLayer(labels)
-    dock.class_field_combo.setField("building")
+    dock.retrain_tab.labels_combo.setLayer(labels)
+    dock.retrain_tab.class_field_combo.setField("building")
     dock.set_checked_rasters([raster.id()], train=True)
-    dock.base_model_combo.setCurrentIndex(dock.base_model_combo.findData("nwpu10"))
-    dock.epochs_spin.setValue(1)
-    dock.chip_spin.setValue(128)
-    dock.extra_edit.setText("--chips-per-epoch 4 --batch-size 2 --device cpu")
+    dock.retrain_tab.base_model_combo.setCurrentIndex(dock.retrain_tab.base_model_combo.findData("nwpu10"))
+    dock.retrain_tab.epochs_spin.setValue(1)
+    dock.retrain_tab.chip_spin.setValue(128)
+    dock.retrain_tab.extra_edit.setText("--chips-per-epoch 4 --batch-size 2 --device cpu")
     model = os.path.join(WORK, "retrained.safetensors")
-    dock.model_output_widget.setFilePath(model)
+    dock.retrain_tab.model_output_widget.setFilePath(model)
     trained: list = []
     dock.trainFinished.connect(trained.append)
-    dock.train_button.click()
+    dock.retrain_tab.train_button.click()
     assert wait_until(lambda: bool(trained), RUN_TIMEOUT), "training did not finish"
     result = trained[-1]
     facts["ok"], facts["message"] = result.ok, result.message
     facts["model_exists"] = os.path.isfile(model)
     assert wait_until(lambda: dock.catalog.find(model) is not None and not dock.catalog.busy(), 60)
-    facts["in_model_list"] = dock.model_combo.findData(model) >= 0
-    facts["selected_model"] = dock.model_combo.currentData()
+    facts["in_model_list"] = dock.segment_tab.model_combo.findData(model) >= 0
+    facts["selected_model"] = dock.segment_tab.model_combo.currentData()
     from qgis_plugin.settings import user_models
 
     facts["registered"] = model in user_models()
-    facts["status"] = dock.train_status.text()
+    facts["status"] = dock.retrain_tab.train_status.text()
     facts["progress"] = dock.progress.value()
     log_text = dock.log_view.toPlainText()
     facts["labels_exported"] = "--labels " + str(data / "geotiff_labels.geojson") not in log_text and \

@@ -186,6 +186,20 @@ def test_dock_renders_web_layer_then_segments(tmp_path: Path) -> None:
 
 
 @needs_engine
+def test_dock_single_band_raster_with_three_band_model(tmp_path: Path) -> None:
+    """A 1-band raster with the 3-band nwpu10 in the dock: no band pre-check (the bands field stays empty), the run
+    adds a layer, and the engine's band-1-repeated notice is in the dock's log and the QGIS log as a warning."""
+    facts = _scenario("dock_scenarios.py", tmp_path, "pan")
+    assert facts["bands_prefilled"] == ""
+    assert facts["ok"], facts["message"]
+    assert facts["layers"] and facts["layers"][0][0] == "atlanta - nwpu10" and facts["layers"][0][2] == "EPSG:32616"
+    notice = "spacenet_atlanta.tif: has 1 band, model nwpu10"
+    assert f"warning: {notice}" in facts["log"], facts["log"]
+    assert any(m.startswith(notice) and m.endswith("repeating band 1 (as --bands 1,1,1)")
+               for m in facts["warnings_logged"]), facts["warnings_logged"]
+
+
+@needs_engine
 @needs_spacenet
 @pytest.mark.slow
 def test_dock_retrain_registers_new_model(tmp_path: Path) -> None:
@@ -212,6 +226,37 @@ def _model_with_gsd(name: str, dest: Path, gsd: float) -> Path:
     raw += b" " * (-len(raw) % 8)
     dest.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size:])
     return dest
+
+
+@needs_engine
+@needs_xyz
+def test_processing_renders_web_layer_at_model_gsd_with_model_bands(tmp_path: Path) -> None:
+    """delineate:segment on an XYZ layer with a 1-band model whose card says 2 m/px: the layer is rendered at 2 m/px
+    (EPSG:3857 units) and the engine gets one band (it used to be rendered at the layer's resolution and given
+    --bands 1,2,3, which the engine refuses for a 1-band model)."""
+    _model_with_gsd("ssdd-ship", tmp_path / "ssdd-ship-2m.safetensors", 2.0)
+    facts = _scenario("processing_scenarios.py", tmp_path, "web")
+    assert facts["web_valid"] and facts["web_crs"] == "EPSG:3857"
+    assert facts["error"] is None, facts["error"]
+    assert facts["bands"] == ["1"], facts["segment_commands"]
+    assert len(facts["rendered"]) == 1 and facts["rendered"][0]["crs"] == "3857"
+    assert facts["rendered"][0]["pixel"] == pytest.approx([2.0, 2.0], rel=1e-3), facts["rendered"]
+    assert facts["result"]["valid"] and facts["result"]["crs"] == "EPSG:3857"
+    assert facts["renders_left"] == [], "the rendered GeoTIFF must be removed after the run"
+
+
+@needs_engine
+@pytest.mark.skipif(not (SHARED / "pan1.tif").exists(), reason=f"SpaceNet samples missing at {SHARED}")
+def test_processing_single_band_raster_with_three_band_model(tmp_path: Path) -> None:
+    """The SpaceNet panchromatic raster (1 band) with the default optical model nwpu10 (3 bands), no BANDS: band 1
+    is repeated (as --bands 1,1,1), the run ends with a layer, and the notice is in the feedback as a warning."""
+    facts = _scenario("processing_scenarios.py", tmp_path, "pan")
+    assert facts["pan_bands"] == 1
+    assert facts["error"] is None, facts["error"]
+    assert facts["result"]["valid"] and facts["result"]["crs"] == "EPSG:32631"
+    assert facts["bands"] in (["1,1,1"], [None]), facts["bands"]  # the plugin's choice, or the engine's
+    notices = [w for w in facts["warnings"] if "has 1 band, model nwpu10" in w]
+    assert len(notices) == 1 and notices[0].endswith("takes 3: repeating band 1 (as --bands 1,1,1)"), facts
 
 
 @needs_engine
