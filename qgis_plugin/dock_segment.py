@@ -109,9 +109,10 @@ class SegmentTab(QWidget):
         self.score_spin.setDecimals(2)
         form.addRow("Score threshold", self.score_spin)
         self.bands_edit = QLineEdit(self)
-        self.bands_edit.setPlaceholderText("model default (first bands; band 1 repeated for a 1-band raster)")
+        self.bands_edit.setPlaceholderText("model default (first bands)")
         self.bands_edit.setToolTip("1-based bands, comma-separated; repeats allowed (1,1,1: one band to an RGB "
-                                   "model)")
+                                   "model). Empty: the model's first bands; band 1 repeated for a 1-band raster "
+                                   "and a model that takes more (the log says so)")
         form.addRow("Bands", self.bands_edit)
         self.device_combo = QComboBox(self)
         self.device_combo.addItems(DEVICES)
