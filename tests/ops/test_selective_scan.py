@@ -17,6 +17,7 @@ from rs_engine.ops import (
     has_mamba_ssm_cuda,
     mamba_ssm_status,
     scan_backend,
+    scan_chunked,
     selective_scan_chunked,
     selective_scan_fn,
     selective_scan_ref,
@@ -80,9 +81,9 @@ def set_groups(request, monkeypatch):
     def f(batch: int, dim: int, dstate: int, chunk: int) -> None:
         per_chunk = batch * chunk * dstate * dim
         if request.param == "1-chunk groups":
-            monkeypatch.setattr(ss, "_GROUP_ELEMENTS", 1)
+            monkeypatch.setattr(scan_chunked, "_GROUP_ELEMENTS", 1)
         elif request.param == "3-chunk groups":
-            monkeypatch.setattr(ss, "_GROUP_ELEMENTS", 3 * per_chunk)
+            monkeypatch.setattr(scan_chunked, "_GROUP_ELEMENTS", 3 * per_chunk)
 
     return f
 
