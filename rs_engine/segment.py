@@ -32,7 +32,7 @@ from shapely.geometry import mapping, shape
 
 from rs_engine.checkpoint import ModelCard, load_model, read_card
 from rs_engine.device import resolve_device
-from rs_engine.errors import InputError
+from rs_engine.errors import InputError, write_error
 from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
 from rs_engine.inputs import expand_inputs, open_sources, output_crs
 from rs_engine.postprocess import Instance, MergedObject, TileMerger, as_multipolygon, tile_instances, to_map
@@ -343,16 +343,31 @@ class _Run:
         return self.crs.to_wkt() if self.crs is not None else None
 
     def write(self, output: Path, batches: Iterator[TileBatch]) -> tuple[int, int]:
-        """Merge and write every batch; returns (features written, tiles skipped)."""
+        """Merge and write every batch; returns (features written, tiles skipped).
+
+        Raises:
+            InputError: the file system refused a write (disk full, quota, read-only, the folder removed): one
+                line naming the folder and the cause; ``output`` is left as it was and the temporary file removed
+                (on a file system turned read-only mid-run it cannot be: the message names it).
+        """
         temp = output.absolute().parent / f".{output.name}.tmp-{os.getpid()}.gpkg"
-        writer = GpkgWriter(temp, self.crs_wkt)
+        writer = GpkgWriter(temp, self.crs_wkt, name=output.name)
         try:
             writer.create()
             features, skipped = self._merge_all(batches, writer)
-            os.replace(temp, output)
-        except BaseException:
+            writer.check(features)  # GDAL can lose a write on a full disk without a word
+            try:
+                os.replace(temp, output)
+            except OSError as exc:
+                error = write_error(output, exc)
+                if error is None:
+                    raise
+                raise error from exc
+        except BaseException as exc:
             # Errors, Cancelled, KeyboardInterrupt (and SIGTERM, which the CLI turns into one): no trace.
-            writer.discard()
+            left = writer.discard()
+            if left and isinstance(exc, InputError):  # a read-only file system: say what is left there
+                raise InputError(f"{exc} (could not remove the temporary file {left[0]})") from exc.__cause__
             raise
         return features, skipped
 
