@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from rs_engine.errors import InputError
+from rs_engine.errors import InputError, remove_quietly, write_error
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,16 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu") -> t
 def save_model(
     path: str | os.PathLike, model: torch.nn.Module, card: ModelCard, half: bool = False
 ) -> Path:
-    """Write weights + card atomically (temp file, then rename).
+    """Write weights + card atomically (temp file, then rename); makes the folder if needed.
 
     Args:
         half: store floating-point weights as float16 (half the size; cast back to float32 on load).
+
+    Raises:
+        InputError: the file system refused the write (one line naming the folder and the cause); a model
+            file already at ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
@@ -220,18 +223,30 @@ def update_card(path: str | os.PathLike, card: ModelCard) -> Path:
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], card: ModelCard) -> None:
-    """Write tensors + card to a temp file beside ``path``, then rename it onto ``path`` (atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Write tensors + card to a temp file beside ``path``, then rename it onto ``path`` (atomic).
+
+    Raises:
+        InputError: the file system refused the write (disk full, quota, read-only, folder missing or removed):
+            one line naming the folder and the cause; ``path`` is left as it was, no temp file remains.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file(state, tmp, metadata={CARD_KEY: card.to_json(), "format": "delineate"})
         umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual permissions
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None:
+            remove_quietly(tmp)
 
 
 def _first_line(exc: BaseException) -> str:

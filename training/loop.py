@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from rs_engine.errors import remove_quietly, write_error
 from training import distributed
 from training.distributed import Dist
 
@@ -185,7 +187,11 @@ def run_loop(task: Task, dataset: torch.utils.data.Dataset, out: Path, cfg, d: D
 
 
 def _append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append ``row`` to the CSV log; a new file gets a header, an existing one keeps its own columns."""
+    """Append ``row`` to the CSV log; a new file gets a header, an existing one keeps its own columns.
+
+    Raises:
+        InputError: the file system refused the write (one line naming the folder and the cause).
+    """
     fields = list(row)
     if path.exists() and path.stat().st_size > 0:
         with open(path, newline="") as fh:
@@ -193,11 +199,17 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
         write_header = False
     else:
         write_header = True
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore", restval="")
-        if write_header:
-            writer.writeheader()
-        writer.writerow(row)
+    try:
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore", restval="")
+            if write_header:
+                writer.writeheader()
+            writer.writerow(row)
+    except OSError as exc:
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -207,7 +219,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def save_resume(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, state: dict) -> None:
-    """Write the resume file beside ``path`` and rename it into place (a failed write leaves the old one)."""
+    """Write the resume file to a temporary file beside ``path`` and rename it into place.
+
+    Raises:
+        InputError: the file system refused the write (disk full, quota, read-only, folder removed): one line
+            naming the folder and the cause; the previous resume file at ``path`` is left as it was (byte for
+            byte) and no temporary file remains.
+    """
     tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
                for name, module in modules.items() for k, v in module.state_dict().items()}  # fmt: skip
     opt_state = opt.state_dict()
@@ -220,8 +238,13 @@ def save_resume(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Opti
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
 
 
 def load_resume(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> dict:

@@ -174,9 +174,13 @@ def save_backbone(path: str | Path, body: nn.Module, *, backbone: str, in_channe
         mean, std: per-band normalisation of its training chips.
 
     Raises:
-        InputError: the folder of ``path`` is missing or not writable.
+        InputError: the folder of ``path`` is missing, or the file system refused the write (disk full, quota,
+            read-only): one line naming the folder and the cause; a file already at ``path`` is left as it was.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from rs_engine.errors import remove_quietly, write_error
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -189,9 +193,13 @@ def save_backbone(path: str | Path, body: nn.Module, *, backbone: str, in_channe
     try:
         save_file(tensors, str(tmp), metadata={"delineate_backbone": json.dumps(card)})
         os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    except (OSError, SafetensorError) as exc:
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
+    finally:
+        remove_quietly(tmp)
     return path
 
 
