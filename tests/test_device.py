@@ -7,7 +7,7 @@ import torch
 
 from rs_engine.device import resolve_device
 from rs_engine.errors import InputError
-from training.cli import _device as train_device
+from training.commands import device as train_device
 
 
 def test_auto_and_cpu():
