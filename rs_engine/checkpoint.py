@@ -49,7 +49,6 @@ class ModelCard:
         tile_size: default tile size in pixels.
         overlap: default tile overlap in pixels.
         score_threshold: default minimum instance score (0-1).
-        band_names: optional human names of the bands (``["red", "green", "blue"]``).
         provenance: free-form facts: training data, epochs, hardware, metrics, command.
         format_version: model file format version.
     """
@@ -65,7 +64,6 @@ class ModelCard:
     tile_size: int = 512
     overlap: int = 128
     score_threshold: float = 0.5
-    band_names: list[str] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 

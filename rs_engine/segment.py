@@ -36,7 +36,8 @@ from rs_engine.errors import InputError, write_error
 from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
 from rs_engine.inputs import expand_inputs, open_sources, output_crs
 from rs_engine.postprocess import Instance, MergedObject, TileMerger, as_multipolygon, tile_instances, to_map
-from rs_engine.raster import RasterSource, Tile, TilePlan
+from rs_engine.raster import RasterSource, check_extent
+from rs_engine.tiling import Tile, TilePlan
 
 log = logging.getLogger(__name__)
 
@@ -281,13 +282,8 @@ def _check_options(options: SegmentOptions) -> None:
         raise InputError(f"--min-pixels {options.min_pixels}: must be at least 1")
     if options.block_tiles < 1:
         raise InputError(f"--block-tiles {options.block_tiles}: must be at least 1")
-    extent = options.extent
-    if extent is not None:
-        if len(extent) != 4 or not all(math.isfinite(v) for v in extent):
-            raise InputError(f"--extent {extent}: needs four numbers MINX,MINY,MAXX,MAXY")
-        if not (extent[0] < extent[2] and extent[1] < extent[3]):
-            text = ",".join(f"{v:.10g}" for v in extent)
-            raise InputError(f"--extent {text}: needs MINX < MAXX and MINY < MAXY")
+    if options.extent is not None:
+        check_extent(options.extent)
 
 
 def _check_tiling(tile_size: int, overlap: int, score_threshold: float) -> None:

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -83,7 +82,7 @@ class UnlabelledChips(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[str | Path], size: int = 256, bands: Sequence[int] = (1, 2, 3),
                  chips_per_image: int = 1, seed: int = 0, augment: bool = True,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
-        import rasterio
+        from rs_engine.raster import open_raster
 
         if size < 32 or size % 32:
             raise InputError(f"chip size {size}: use a multiple of 32, at least 32")
@@ -94,11 +93,9 @@ class UnlabelledChips(torch.utils.data.Dataset):
         skipped = []
         for f in _find_images(paths):
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # NotGeoreferencedWarning for plain photos
-                    with rasterio.open(f) as ds:
-                        shape = (ds.count, ds.height, ds.width)
-            except rasterio.RasterioIOError:
+                with open_raster(f) as ds:
+                    shape = (ds.count, ds.height, ds.width)
+            except InputError:
                 skipped.append(f.name)
                 continue
             if shape[0] < max(self.bands) and shape[0] != 1:
@@ -119,27 +116,30 @@ class UnlabelledChips(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files) * self.chips_per_image
 
-    def _read(self, k: int, row: int, col: int, h: int, w: int) -> np.ndarray:
-        import rasterio
+    def _read(self, k: int, row: int, col: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """(C, h, w) raw pixels (nodata 0) and (h, w) validity, read as inference reads them."""
         from rasterio.windows import Window
 
-        count = self.shapes[k][0]
-        idx = [1] * len(self.bands) if count == 1 else self.bands
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NotGeoreferencedWarning for plain photos
-            with rasterio.open(self.files[k]) as ds:
-                return ds.read(idx, window=Window(col, row, w, h)).astype(np.float32)
+        from rs_engine.raster import RasterSource
+
+        bands = None if self.shapes[k][0] == 1 else self.bands  # None: a 1-band image is repeated
+        with RasterSource(self.files[k], len(self.bands), bands=bands, resample=False,
+                          label="the pretraining chips") as src:
+            return src.read_window(Window(col, row, w, h))
 
     def _statistics(self) -> tuple[list[float], list[float]]:
+        from training.bandstats import BandStatistics
+
         pick = np.linspace(0, len(self.files) - 1, min(64, len(self.files))).round().astype(int)
-        s = s2 = n = 0.0
+        stats = BandStatistics()
         for k in pick:
             _, h, w = self.shapes[k]
             ch, cw = min(h, 512), min(w, 512)
-            a = self._read(int(k), (h - ch) // 2, (w - cw) // 2, ch, cw).reshape(len(self.bands), -1).astype(np.float64)
-            s, s2, n = s + a.sum(1), s2 + (a * a).sum(1), n + a.shape[1]
-        mean = s / n
-        return mean.tolist(), np.sqrt(np.maximum(s2 / n - mean**2, 0)).tolist()
+            data, valid = self._read(int(k), (h - ch) // 2, (w - cw) // 2, ch, cw)
+            stats.add(data[:, valid])
+        if not stats.count:
+            raise InputError("no valid pixel in the central windows of the images (all nodata?)")
+        return stats.result()
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         k = i // self.chips_per_image
@@ -147,9 +147,9 @@ class UnlabelledChips(torch.utils.data.Dataset):
         _, h, w = self.shapes[k]
         ch, cw = min(h, self.size), min(w, self.size)
         row, col = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        a = (self._read(k, row, col, ch, cw) - self.mean[:, None, None]) / self.std[:, None, None]
-        chip = np.zeros((len(self.bands), self.size, self.size), np.float32)
-        chip[:, :ch, :cw] = a
+        data, valid = self._read(k, row, col, ch, cw)
+        chip = np.zeros((len(self.bands), self.size, self.size), np.float32)  # padding and nodata: the mean, 0
+        chip[:, :ch, :cw] = np.where(valid, (data - self.mean[:, None, None]) / self.std[:, None, None], 0.0)
         if self.augment:
             chip = np.rot90(chip, int(rng.integers(4)), axes=(1, 2))
             if rng.integers(2):

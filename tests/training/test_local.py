@@ -22,9 +22,9 @@ from rasterio.windows import transform as window_transform
 from scipy import ndimage
 
 from rs_engine.errors import InputError
+from training.area_split import split_by_area
 from training.augment import AugmentConfig
 from training.coco import ChipSpec
-from training.area_split import split_by_area
 from training.labels import load_aoi, load_labels
 from training.local import LocalChips
 
