@@ -20,9 +20,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "segment": "rs_engine.segment",
-    "SegmentOptions": "rs_engine.segment",
-    "SegmentResult": "rs_engine.segment",
+    "segment": "rs_engine.pipeline",
+    "SegmentOptions": "rs_engine.pipeline",
+    "SegmentResult": "rs_engine.pipeline",
     "load_model": "rs_engine.checkpoint",
     "ModelCard": "rs_engine.checkpoint",
     "RasterSource": "rs_engine.raster",

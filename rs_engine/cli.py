@@ -157,7 +157,7 @@ class _Emitter:
 
 
 def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
-    from rs_engine.segment import Cancelled, SegmentOptions, segment
+    from rs_engine.pipeline import Cancelled, SegmentOptions, segment
 
     opts = SegmentOptions(
         model=args.model,

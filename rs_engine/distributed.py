@@ -7,7 +7,7 @@ How the work is cut and put back together:
    block edge is a tile edge like any other.
 2. Workers. A block is one Dask task: the worker reopens the raster on the grid the client planned (same
    bands, resampling and extent), reads, predicts and vectorises its tiles with
-   :func:`rs_engine.segment.predict_tiles`, and returns the tiles' instances (polygons in grid pixels, a few kB
+   :func:`rs_engine.pipeline.predict_tiles`, and returns the tiles' instances (polygons in grid pixels, a few kB
    per tile). The model is loaded once per worker process and kept.
 3. Merge. The client feeds the blocks' instances to the same :class:`~rs_engine.postprocess.TileMerger` in plan
    order, and writes with the same writer as a run in one process: objects cut by block edges are merged by the
@@ -41,9 +41,7 @@ import torch
 from rs_engine.checkpoint import load_model
 from rs_engine.device import resolve_device
 from rs_engine.errors import InputError
-from rs_engine.postprocess import Instance
-from rs_engine.raster import RasterSource
-from rs_engine.segment import (
+from rs_engine.pipeline import (
     Cancelled,
     Predictor,
     SegmentOptions,
@@ -51,6 +49,8 @@ from rs_engine.segment import (
     gdal_options,
     predict_tiles,
 )
+from rs_engine.postprocess import Instance
+from rs_engine.raster import RasterSource
 from rs_engine.tiling import Grid, Tile, TilePlan
 
 log = logging.getLogger(__name__)

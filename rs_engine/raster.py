@@ -1,6 +1,6 @@
 """Open a raster, work out its georeferencing, read and normalise windows: the one pixel reader of the project.
 
-Inference (:mod:`rs_engine.segment`), evaluation and every training dataset read pixels through
+Inference (:mod:`rs_engine.pipeline`), evaluation and every training dataset read pixels through
 :class:`RasterSource`, so the same file gives the same pixels everywhere. Everything works window by window: no
 function reads a whole raster, so memory does not grow with the raster's size. Source and grid pixels are the
 frames of :mod:`rs_engine.tiling`; *map* coordinates are the raster's CRS units (:func:`georeference`). A raster

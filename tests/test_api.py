@@ -26,6 +26,19 @@ def test_readme_python_example_runs(tmp_path, monkeypatch) -> None:
     assert abs(float(image.mean())) < 3  # normalised, not raw 0-255
 
 
+def test_api_names_are_not_shadowed_by_modules() -> None:
+    """``rs_engine.segment`` stays the function whatever was imported before (the pipeline module has its own
+    name, so importing it cannot replace the package attribute)."""
+    import rs_engine
+    import rs_engine.checkpoint
+    import rs_engine.pipeline
+    import rs_engine.raster
+
+    assert rs_engine.segment is rs_engine.pipeline.segment and callable(rs_engine.segment)
+    assert rs_engine.load_model is rs_engine.checkpoint.load_model
+    assert rs_engine.RasterSource is rs_engine.raster.RasterSource
+
+
 def test_import_is_light_and_names_the_api() -> None:
     code = ("import sys, rs_engine; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
             "print(sorted(n for n in rs_engine.__all__ if n != '__version__'))")

@@ -9,7 +9,7 @@ import pytest
 
 from rs_engine.checkpoint import bundled_models, load_model, read_card
 from rs_engine.models import ModelConfig
-from rs_engine.segment import SegmentOptions, segment
+from rs_engine.pipeline import SegmentOptions, segment
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

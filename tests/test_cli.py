@@ -124,9 +124,21 @@ def test_all_nodata(model_file, tmp_path) -> None:
 
 
 def test_wrong_band_count(model_file, tmp_path) -> None:
-    r = write_raster(tmp_path / "one.tif", bands=1)
+    r = write_raster(tmp_path / "two.tif", bands=2)
     out = tmp_path / "o.gpkg"
-    _bad(["segment", r, "-o", out, "--model", model_file], out, "band")
+    _bad(["segment", r, "-o", out, "--model", model_file], out, "has 2 band(s)")
+
+
+def test_single_band_raster_repeated_with_a_notice(model_file, tmp_path) -> None:
+    """Issue 18: a panchromatic (1-band) raster and a 3-band model run as ``--bands 1,1,1``, with one notice."""
+    r = write_raster(tmp_path / "pan.tif", bands=1)
+    out = tmp_path / "o.gpkg"
+    res = run("segment", r, "-o", out, "--model", model_file, "--progress", "none")
+    assert res.returncode == 0, res.stderr
+    notes = [line for line in res.stderr.splitlines() if "repeating band 1" in line]
+    assert len(notes) == 1 and notes[0].endswith("pan.tif: has 1 band, model cli-test 0 takes 3: repeating band 1 "
+                                                 "(as --bands 1,1,1)"), res.stderr
+    assert out.exists()
 
 
 def test_unknown_model(raster, tmp_path) -> None:
@@ -171,8 +183,8 @@ def test_usage_error_is_one_line(raster, tmp_path) -> None:
 
 
 def test_extent_checked_once_same_message_as_the_api(raster, model_file, tmp_path) -> None:
+    from rs_engine.pipeline import SegmentOptions, segment
     from rs_engine.raster import ExtentError
-    from rs_engine.segment import SegmentOptions, segment
 
     out = tmp_path / "o.gpkg"
     line = _bad(["segment", raster, "-o", out, "--model", model_file, "--extent", "10,0,0,10"], out, "extent")

@@ -25,7 +25,7 @@ from test_merge import Scene
 
 import rs_engine.distributed as rs_cluster
 from rs_engine.errors import InputError
-from rs_engine.segment import Cancelled, SegmentOptions, segment
+from rs_engine.pipeline import Cancelled, SegmentOptions, segment
 
 distributed = pytest.importorskip("distributed", reason="the cluster extra (dask[distributed]) is not installed")
 

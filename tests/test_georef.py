@@ -14,8 +14,8 @@ from rasterio.warp import transform_geom
 from shapely import affinity
 from shapely.geometry import box, mapping, shape
 
+from rs_engine.pipeline import SegmentOptions, segment
 from rs_engine.raster import pixel_size_m
-from rs_engine.segment import SegmentOptions, segment
 from rs_engine.tiling import plan_tiles
 
 BACKGROUND, CLASS1 = 10, 100

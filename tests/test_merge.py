@@ -17,8 +17,8 @@ from rasterio import features
 from scipy import ndimage
 from shapely.geometry import MultiPolygon, box, shape
 
+from rs_engine.pipeline import SegmentOptions, segment
 from rs_engine.postprocess import TileMerger, tile_instances
-from rs_engine.segment import SegmentOptions, segment
 from rs_engine.tiling import plan_tiles
 
 BACKGROUND, CLASS1, CLASS2 = 10, 100, 200

@@ -19,8 +19,8 @@ from shapely.geometry import MultiPolygon, box
 from shapely.ops import unary_union
 
 from rs_engine.errors import InputError
+from rs_engine.pipeline import FIELDS, Cancelled, SegmentOptions, segment
 from rs_engine.raster import NODATA_CHECK_SIZE
-from rs_engine.segment import FIELDS, Cancelled, SegmentOptions, segment
 from rs_engine.tiling import plan_tiles
 
 BACKGROUND, CLASS1, CLASS2 = 10, 100, 200

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = """
 import json, resource, sys, torch
 from rs_engine.checkpoint import read_card
-from rs_engine.segment import SegmentOptions, segment
+from rs_engine.pipeline import SegmentOptions, segment
 
 def predictor(images):
     return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),

@@ -51,8 +51,8 @@ from rs_engine.cli import main
 class Predictor(LabelPredictor):
     roi_heads = types.SimpleNamespace(score_thresh=0.0)
 
-# the module (rs_engine.segment the attribute may be the function of that name)
-importlib.import_module("rs_engine.segment").load_model = lambda spec, device: (Predictor(), read_card(spec))
+# the module (rs_engine.pipeline the attribute may be the function of that name)
+importlib.import_module("rs_engine.pipeline").load_model = lambda spec, device: (Predictor(), read_card(spec))
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -79,7 +79,7 @@ def engine_here(monkeypatch, capsys, caplog, label_predictor) -> Callable[..., t
                     before_batch(self.calls)
                 return super().__call__(images)
 
-        module = importlib.import_module("rs_engine.segment")  # the module, not the function of the same name
+        module = importlib.import_module("rs_engine.pipeline")  # the module, not the function of the same name
         monkeypatch.setattr(module, "load_model", lambda spec, device: (Predictor(), read_card(spec)))
         capsys.readouterr()
         caplog.clear()

@@ -215,8 +215,8 @@ def evaluate_raster(model: str, rasters: list[Path], labels: Path, class_field: 
     from rasterio.windows import transform as window_transform
 
     from rs_engine.checkpoint import read_card
+    from rs_engine.pipeline import SegmentOptions, segment
     from rs_engine.raster import georeference, open_raster
-    from rs_engine.segment import SegmentOptions, segment
     from training.labels import load_aoi, load_labels
 
     card = read_card(model)

@@ -96,7 +96,7 @@ def test_no_object_of_a_size_is_minus_one_not_minus_100(tmp_path: Path) -> None:
 def test_gcp_only_scene_is_scored_in_the_frame_it_was_segmented_in(tmp_path, monkeypatch, make_card,
                                                                    label_predictor) -> None:
     import rs_engine.checkpoint
-    import rs_engine.segment
+    import rs_engine.pipeline
     from training.evaluate import evaluate_raster
 
     data = np.full((120, 150), 10, np.uint8)
@@ -115,9 +115,9 @@ def test_gcp_only_scene_is_scored_in_the_frame_it_was_segmented_in(tmp_path, mon
                       ["class"], geometry_type="Polygon", crs="EPSG:32616", driver="GPKG")
 
     card = make_card(class_names=("object",))
-    real_segment = rs_engine.segment.segment
+    real_segment = rs_engine.pipeline.segment
     monkeypatch.setattr(rs_engine.checkpoint, "read_card", lambda model: card)
-    monkeypatch.setattr(rs_engine.segment, "segment",
+    monkeypatch.setattr(rs_engine.pipeline, "segment",
                         lambda inputs, out, options, **kw: real_segment(inputs, out, options,
                                                                        predictor=label_predictor(values=(100,)),
                                                                        card=card))
