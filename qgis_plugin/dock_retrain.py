@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING
 
 from qgis.core import Qgis, QgsMapLayerProxyModel, QgsVectorLayer
 from qgis.gui import QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox
-from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QWidget
 
 from . import settings
 from .commands import describe_epoch, finetune_args, finetune_percent
 from .engine import EngineJob, EngineResult
 from .layers import LayerError, raster_file, safe_name, vector_file
-from .widgets import RasterList
+from .widgets import RasterList, fill_model_combo
 
 if TYPE_CHECKING:
     from .dock import DelineateDock
@@ -97,20 +96,10 @@ class RetrainTab(QWidget):
     def shutdown(self) -> None:
         if self.job is not None:
             job, self.job = self.job, None
-            job.jobFinished.disconnect()
-            job.cancel()  # SIGTERM first: rs-train saves its checkpoint
-            job.wait(timeout_s=10)  # killed after kill_timeout_ms
-            job.deleteLater()
+            job.shutdown()
 
     def _on_models(self) -> None:
-        current = self.base_model_combo.currentData()
-        self.base_model_combo.blockSignals(True)
-        self.base_model_combo.clear()
-        for model in self.dock.catalog.models:
-            self.base_model_combo.addItem(model.label(), model.key)
-            self.base_model_combo.setItemData(self.base_model_combo.count() - 1, model.summary(), Qt.ToolTipRole)
-        self.base_model_combo.setCurrentIndex(max(self.base_model_combo.findData(current), 0))
-        self.base_model_combo.blockSignals(False)
+        fill_model_combo(self.base_model_combo, self.dock.catalog.models)
 
     # -- train ---------------------------------------------------------------------------------------------
     def start_train(self) -> None:

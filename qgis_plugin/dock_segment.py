@@ -31,7 +31,7 @@ from .engine import EngineResult, log
 from .layers import LayerError, raster_file, safe_name, transform_extent
 from .models import ModelInfo
 from .runs import DEVICES, WARNING, RunQueue, SegmentOptions, band_selection, plan_run
-from .widgets import RasterList
+from .widgets import RasterList, fill_model_combo
 
 if TYPE_CHECKING:
     from .dock import DelineateDock
@@ -160,15 +160,7 @@ class SegmentTab(QWidget):
             self.model_combo.setCurrentIndex(index)
 
     def _on_models(self) -> None:
-        current = self.model_combo.currentData()
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        for model in self.dock.catalog.models:
-            self.model_combo.addItem(model.label(), model.key)
-            self.model_combo.setItemData(self.model_combo.count() - 1, model.summary(), Qt.ToolTipRole)
-        index = self.model_combo.findData(self.select_after_refresh or current)
-        self.model_combo.setCurrentIndex(max(index, 0))
-        self.model_combo.blockSignals(False)
+        fill_model_combo(self.model_combo, self.dock.catalog.models, self.select_after_refresh)
         self.select_after_refresh = None
         self._on_model_changed()
 

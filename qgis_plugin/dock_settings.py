@@ -58,10 +58,7 @@ class SettingsTab(QWidget):
     def shutdown(self) -> None:
         if self.job is not None:
             job, self.job = self.job, None
-            job.jobFinished.disconnect()
-            job.cancel()
-            job.wait(timeout_s=10)  # killed after kill_timeout_ms
-            job.deleteLater()
+            job.shutdown()
 
     # -- engine --------------------------------------------------------------------------------------------
     def check_engine(self) -> None:

@@ -132,6 +132,17 @@ class EngineJob(QObject):
                 self._cancel_at = time.monotonic()
             self._proc.kill()
 
+    def shutdown(self, timeout_s: float = 10) -> None:
+        """End the job for good (plugin unload): no more ``jobFinished``; SIGTERM first (rs-engine removes its
+        temporary file, rs-train saves its checkpoint), killed after ``kill_timeout_ms``; then deleted."""
+        try:
+            self.jobFinished.disconnect()
+        except TypeError:  # nothing connected
+            pass
+        self.cancel()
+        self.wait(timeout_s=timeout_s)
+        self.deleteLater()
+
     def wait(self, feedback: Any = None, timeout_s: float | None = None) -> EngineResult:
         """Block until the job ends, pumping its output (signals fire in this thread). ``feedback``
         (QgsFeedback) cancels the job when ``isCanceled()``; ``timeout_s`` kills it after that long."""

@@ -251,12 +251,9 @@ class RunQueue(QObject):
             self.render_task = None
         if self.job is not None:
             job, self.job = self.job, None
-            job.jobFinished.disconnect()
-            job.cancel()  # SIGTERM first: rs-engine removes its temporary file
-            job.wait(timeout_s=10)  # killed after kill_timeout_ms
+            job.shutdown()
             if runs:
                 remove_partial_outputs(runs[0].output, job.pid or None)
-            job.deleteLater()
         for run in runs:
             self._discard(run)
 

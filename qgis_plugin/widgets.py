@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from qgis.core import QgsMapLayer, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QListWidget, QListWidgetItem, QWidget
+from qgis.PyQt.QtWidgets import QComboBox, QListWidget, QListWidgetItem, QWidget
 
 from .layers import raster_file
+from .models import ModelInfo
+
+
+def fill_model_combo(combo: QComboBox, models: list[ModelInfo], wanted: str | None = None) -> None:
+    """List ``models`` in ``combo`` (label, key as data, summary as tooltip), selecting ``wanted`` (a key), else
+    the one selected before, else the first; no signals while it is filled."""
+    current = wanted or combo.currentData()
+    combo.blockSignals(True)
+    combo.clear()
+    for model in models:
+        combo.addItem(model.label(), model.key)
+        combo.setItemData(combo.count() - 1, model.summary(), Qt.ToolTipRole)
+    combo.setCurrentIndex(max(combo.findData(current), 0))
+    combo.blockSignals(False)
 
 
 class RasterList(QListWidget):
