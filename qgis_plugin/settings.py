@@ -119,12 +119,6 @@ def add_user_model(path: str) -> None:
     QgsSettings().setValue(KEY_USER_MODELS, json.dumps(paths))
 
 
-def remove_user_model(path: str) -> None:
-    """Forget a model file (the file itself is left alone)."""
-    paths = [p for p in user_models() if p != os.path.abspath(path)]
-    QgsSettings().setValue(KEY_USER_MODELS, json.dumps(paths))
-
-
 def default_models_dir() -> Path:
     """Where trained models go by default: ``<QGIS profile>/delineate/models``."""
     from qgis.core import QgsApplication
