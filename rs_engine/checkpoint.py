@@ -221,18 +221,34 @@ def update_card(path: str | os.PathLike, card: ModelCard) -> Path:
 
 
 def _write(path: Path, state: dict[str, torch.Tensor], card: ModelCard) -> None:
-    """Write tensors + card to a temp file beside ``path``, then rename it onto ``path`` (atomic).
+    """Write tensors + card (atomically, :func:`write_safetensors`), making the folder if needed.
+
+    Raises:
+        InputError: as :func:`write_safetensors`.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
+    write_safetensors(path, state, {CARD_KEY: card.to_json(), "format": "delineate"})
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The one writer of safetensors files (models, backbones, resume files): a temporary file beside ``path``,
+    renamed onto it once complete, so a failed or interrupted write never damages the file already there.
 
     Raises:
         InputError: the file system refused the write (disk full, quota, read-only, folder missing or removed):
-            one line naming the folder and the cause; ``path`` is left as it was, no temp file remains.
+            one line naming the folder and the cause; ``path`` is left as it was, no temporary file remains.
     """
-    tmp = None
+    path, tmp = Path(path), None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        save_file(state, tmp, metadata={CARD_KEY: card.to_json(), "format": "delineate"})
+        save_file(tensors, tmp, metadata=metadata)
         umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual permissions
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

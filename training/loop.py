@@ -18,7 +18,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from rs_engine.errors import remove_quietly, write_error
+from rs_engine.checkpoint import write_safetensors
+from rs_engine.errors import write_error
 from training import distributed
 from training.distributed import Dist
 
@@ -234,17 +233,7 @@ def save_resume(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Opti
             tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
     groups = [dict(g) for g in opt_state["param_groups"]]
     meta = {"state": json.dumps(state), "param_groups": json.dumps(groups)}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as exc:
-        error = write_error(path, exc)
-        if error is None:
-            raise
-        raise error from exc
-    finally:
-        remove_quietly(tmp)
+    write_safetensors(path, tensors, meta)
 
 
 def load_resume(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> dict:

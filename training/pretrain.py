@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -177,10 +176,7 @@ def save_backbone(path: str | Path, body: nn.Module, *, backbone: str, in_channe
         InputError: the folder of ``path`` is missing, or the file system refused the write (disk full, quota,
             read-only): one line naming the folder and the cause; a file already at ``path`` is left as it was.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from rs_engine.errors import remove_quietly, write_error
+    from rs_engine.checkpoint import write_safetensors
 
     path = Path(path)
     if not path.parent.is_dir():
@@ -189,17 +185,7 @@ def save_backbone(path: str | Path, body: nn.Module, *, backbone: str, in_channe
             "mean": list(mean) if mean is not None else None, "std": list(std) if std is not None else None,
             "provenance": provenance or {}}
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in body.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"delineate_backbone": json.dumps(card)})
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as exc:
-        error = write_error(path, exc)
-        if error is None:
-            raise
-        raise error from exc
-    finally:
-        remove_quietly(tmp)
+    write_safetensors(path, tensors, {"delineate_backbone": json.dumps(card)})
     return path
 
 
