@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rs_engine.checkpoint import bundled_models, load_model, read_card, save_model, update_card
-from training.cli import portable
+from training.commands import portable
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "rs_engine" / "weights"
 
