@@ -36,5 +36,6 @@ def test_train_resume_evaluate(tmp_path, ssdd_subset) -> None:
     r = rs_train("evaluate", "--model", out, "--coco", ann, "--images", SSDD / "images", "--record", "train4")
     assert r.returncode == 0, r.stderr
     metrics = json.loads(r.stdout)
-    assert 0 <= metrics["segm"]["AP"] <= 100 or metrics["segm"]["AP"] == -100
+    assert 0 <= metrics["segm"]["AP"] <= 100  # never -100: "no object of that size" is -1, and only per size range
+    assert all(v == -1 or 0 <= v <= 100 for kind in ("segm", "bbox") for v in metrics[kind].values())
     assert "train4" in load_model(out)[1].provenance["metrics"]
