@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from rs_engine.errors import InputError, remove_quietly, write_error
+from rs_engine.errors import InputError, raise_write_error, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +229,7 @@ def _write(path: Path, state: dict[str, torch.Tensor], card: ModelCard) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        error = write_error(path, exc)
-        if error is None:
-            raise
-        raise error from exc
+        raise_write_error(path, exc)
     write_safetensors(path, state, {CARD_KEY: card.to_json(), "format": "delineate"})
 
 
@@ -254,10 +251,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:
-        error = write_error(path, exc)
-        if error is None:
-            raise
-        raise error from exc
+        raise_write_error(path, exc)
     finally:
         if tmp is not None:
             remove_quietly(tmp)

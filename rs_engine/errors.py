@@ -11,6 +11,7 @@ import errno
 import os
 import re
 from pathlib import Path
+from typing import NoReturn
 
 
 class InputError(Exception):
@@ -91,6 +92,18 @@ def write_error(path: str | os.PathLike, exc: BaseException, name: str | None = 
     if isinstance(exc, OSError) or _IO_MESSAGES.search(text):
         return InputError(f"{folder}: could not write {name} ({text})")
     return None
+
+
+def raise_write_error(path: str | os.PathLike, exc: BaseException, name: str | None = None) -> NoReturn:
+    """Raise :func:`write_error`'s one-line ``InputError`` (``from exc``), or ``exc`` itself when it is a bug.
+
+    For the ``except`` clause of every writer, so each says ``except (OSError, ...) as exc: raise_write_error(path,
+    exc)`` and nothing more.
+    """
+    error = write_error(path, exc, name)
+    if error is None:
+        raise exc
+    raise error from exc
 
 
 def _folder_problem(folder: Path) -> int | None:

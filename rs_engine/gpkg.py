@@ -16,7 +16,7 @@ import pyogrio
 from pyogrio import errors as ogr_errors
 from pyogrio import raw as ogr_raw
 
-from rs_engine.errors import remove_quietly, write_error
+from rs_engine.errors import raise_write_error, remove_quietly
 
 LAYER = "instances"
 FIELDS = ["class_id", "class_name", "score", "area", "source", "model", "run_id"]
@@ -64,10 +64,7 @@ class GpkgWriter:
                 self._raise(exc)
 
     def _raise(self, exc: BaseException) -> None:
-        error = write_error(self.path, exc, self.name)
-        if error is None:
-            raise exc
-        raise error from exc
+        raise_write_error(self.path, exc, self.name)
 
     def create(self) -> None:
         """Create the file with an empty layer (schema and CRS), so a run with no objects still gives one."""

@@ -32,7 +32,7 @@ from shapely.geometry import mapping, shape
 
 from rs_engine.checkpoint import ModelCard, load_model, read_card
 from rs_engine.device import resolve_device
-from rs_engine.errors import InputError, write_error
+from rs_engine.errors import InputError, raise_write_error
 from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
 from rs_engine.inputs import expand_inputs, open_sources, output_crs
 from rs_engine.postprocess import Instance, MergedObject, TileMerger, as_multipolygon, tile_instances, to_map
@@ -58,11 +58,12 @@ class SegmentOptions:
     """Options of one segmentation run (the CLI's flags). None means "the model card's value"."""
 
     model: str = "nwpu10"  # bundled model name or path to a .safetensors model file
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (rs_engine.device)
     tile_size: int | None = None  # pixels (of the model's grid); None -> card.tile_size
     overlap: int | None = None  # pixels; None -> card.overlap
     score_threshold: float | None = None  # 0-1; None -> card.score_threshold
-    bands: list[int] | None = None  # 1-based band indexes (repeats allowed); None -> first card.bands bands
+    bands: list[int] | None = None  # 1-based band indexes (repeats allowed); None -> first card.bands bands, or
+    # band 1 repeated for a 1-band raster and a multi-band model (with a notice)
     extent: tuple[float, float, float, float] | None = None  # minx, miny, maxx, maxy in the first input's CRS
     overwrite: bool = False
     batch_size: int = 4  # tiles per forward pass
@@ -355,10 +356,7 @@ class _Run:
             try:
                 os.replace(temp, output)
             except OSError as exc:
-                error = write_error(output, exc)
-                if error is None:
-                    raise
-                raise error from exc
+                raise_write_error(output, exc)
         except BaseException as exc:
             # Errors, Cancelled, KeyboardInterrupt (and SIGTERM, which the CLI turns into one): no trace.
             left = writer.discard()

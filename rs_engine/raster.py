@@ -172,7 +172,7 @@ def georeference(ds: rasterio.io.DatasetReader) -> tuple[Affine, CRS | None]:
     if not ds.transform.is_identity:
         return ds.transform, ds.crs
     if gcps:
-        log.warning("%s: has GCPs only; using an affine fit of its %d GCPs", Path(ds.name).name, len(gcps))
+        _warn_once(Path(ds.name), "%s: has GCPs only; using an affine fit of its %d GCPs", len(gcps))
         return from_gcps(gcps), gcp_crs
     return PIXEL_FRAME, None
 
@@ -446,8 +446,8 @@ def _select_bands(bands: Sequence[int] | None, count: int, n: int, label: str, p
     """Validate the band selection against the raster and the network's ``n`` bands; 1-based indexes."""
     if bands is None:
         if count == 1 and n > 1:
-            log.warning("%s: has 1 band, %s takes %d: repeating band 1 (as --bands %s)", path.name, label, n,
-                        ",".join(["1"] * n))
+            _warn_once(path, "%s: has 1 band, %s takes %d: repeating band 1 (as --bands %s)", label, n,
+                       ",".join(["1"] * n))
             return [1] * n
         if count < n:
             raise InputError(f"{path}: has {count} band(s) but {label} needs {n} "
@@ -462,3 +462,15 @@ def _select_bands(bands: Sequence[int] | None, count: int, n: int, label: str, p
     if bad:
         raise InputError(f"--bands {text}: {path} has {count} band(s), no band {bad[0]}")
     return list(bands)
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(path: Path, message: str, *args: object) -> None:
+    """Log a notice about a file once per process: training datasets open a source per chip, and the analyst
+    needs the notice once, not once per chip and epoch. ``message``'s first ``%s`` is the file name."""
+    key = (str(Path(path).absolute()), message)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, Path(path).name, *args)

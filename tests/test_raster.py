@@ -149,6 +149,19 @@ def test_single_band_raster_is_repeated_for_a_multiband_model(write_raster, make
     assert notes == ["pan.tif: has 1 band, model test 0 takes 3: repeating band 1 (as --bands 1,1,1)"]
 
 
+def test_file_notices_are_logged_once_per_file(write_raster, tmp_path, caplog):
+    """Training datasets open a source per chip: the 1-band notice comes once per file, not once per chip."""
+    from rs_engine.raster import RasterSource
+
+    a, b = write_raster(two_objects(), name="a.tif"), write_raster(two_objects(), name="b.tif")
+    with caplog.at_level("WARNING", logger="rs_engine.raster"):
+        for path in (a, a, a, b, b):
+            RasterSource(path, 3, resample=False).close()
+    notes = [r.getMessage() for r in caplog.records if "repeating band 1" in r.getMessage()]
+    note = "{}: has 1 band, the model takes 3: repeating band 1 (as --bands 1,1,1)"
+    assert notes == [note.format("a.tif"), note.format("b.tif")]
+
+
 def _masked_raster(kind: str, write_raster) -> Path:
     """60 x 60 raster (smaller than a tile) whose columns 30-45 are nodata, expressed three ways."""
     data = np.full((60, 60), 50, np.uint8)

@@ -191,11 +191,13 @@ def _raster_bands(rasters: Sequence[Path], model_bands: int, bands: list[int] | 
 
 
 def _raster_gsd(raster: Path) -> float | None:
-    """Mean pixel size in metres of a raster (None without georeferencing), for the fine-tuned model's card."""
-    from rs_engine.raster import open_raster, pixel_size_m
+    """Mean pixel size in metres of a raster (None without georeferencing), for the fine-tuned model's card, in
+    the frame inference reads it in (:func:`rs_engine.raster.georeference`: a GCP-only scene has one too)."""
+    from rs_engine.raster import georeference, open_raster, pixel_size_m
 
     with open_raster(raster) as ds:
-        size = pixel_size_m(ds.crs, ds.transform, ds.width, ds.height)
+        transform, crs = georeference(ds)
+        size = pixel_size_m(crs, transform, ds.width, ds.height)
     return round((size[0] + size[1]) / 2, 4) if size else None
 
 

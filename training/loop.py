@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from rs_engine.checkpoint import write_safetensors
-from rs_engine.errors import write_error
+from rs_engine.errors import raise_write_error
 from training import distributed
 from training.distributed import Dist
 
@@ -205,10 +205,7 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
                 writer.writeheader()
             writer.writerow(row)
     except OSError as exc:
-        error = write_error(path, exc)
-        if error is None:
-            raise
-        raise error from exc
+        raise_write_error(path, exc)
 
 
 def _seed_worker(worker_id: int) -> None:
