@@ -51,11 +51,12 @@ WORK = Path(os.environ.get("WORK", ROOT.parent / "delineate-train"))
 DEFAULT_BASELINE = WORK / "base" / "nwpu10-resnet50.safetensors"
 
 
-def segment_cmd(raster: Path, model: str, out: Path, tile: int, overlap: int, batch: int) -> list[str]:
+def segment_cmd(raster: Path, model: str, out: Path, tile: int, overlap: int, batch: int,
+                runtime: str = "torch") -> list[str]:
     """``rs-engine segment`` in a child process; ``--progress jsonl`` so the last line reports objects."""
     return [sys.executable, "-m", "rs_engine.cli", "segment", str(raster), "-o", str(out), "--model", model,
             "--device", "cpu", "--tile-size", str(tile), "--overlap", str(overlap), "--batch-size", str(batch),
-            "--overwrite", "--progress", "jsonl"]
+            "--runtime", runtime, "--overwrite", "--progress", "jsonl"]
 
 
 def untrained_baseline(path: Path, like: str) -> Path:
@@ -100,17 +101,18 @@ def baseline_from_resume(resume: Path, path: Path, like: str) -> tuple[Path, int
 
 
 def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, batch: int, env: dict,
-            timeout: float) -> dict:
+            timeout: float, runtime: str = "torch") -> dict:
     import rasterio
 
     with rasterio.open(raster) as ds:
         mpx, side = ds.width * ds.height / 1e6, ds.width
-    gpkg = out_dir / f"{Path(model).stem}_{raster.stem}.gpkg"
+    gpkg = out_dir / f"{Path(model).stem}_{runtime}_{raster.stem}.gpkg"
     load = round(os.getloadavg()[0], 2)
-    r = run_measured(segment_cmd(raster, model, gpkg, tile, overlap, batch), timeout, env=env)
+    r = run_measured(segment_cmd(raster, model, gpkg, tile, overlap, batch, runtime), timeout, env=env)
     done = last_json(r["stdout"]) or {}
     rec = {"raster": raster.name, "side": side, "mpx": round(mpx, 2), "model": Path(model).stem,
-           "loadavg_1min": load, "seconds": round(r["seconds"], 1), "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"]}
+           "runtime": runtime, "loadavg_1min": load, "seconds": round(r["seconds"], 1),
+           "peak_rss_mb": r["peak_rss_mb"], "rc": r["rc"]}
     if r["rc"] == 0:
         rec["mpx_per_s"] = round(mpx / r["seconds"], 4)
         rec["objects"] = done.get("features")
@@ -145,6 +147,8 @@ def main() -> None:
     ap.add_argument("--stream-timeout", type=float, default=3600,
                     help="seconds per streaming run; a longer one is stopped and its peak RSS so far reported")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream, baseline (the ResNet-50)")
+    ap.add_argument("--runtimes", default="torch,onnx",
+                    help="runtimes the default model is timed in (end to end), each in its own run")
     args = ap.parse_args()
     side = 512 if args.quick else args.side
     stream = [256, 512] if args.quick else [int(s) for s in args.stream_sides.split(",")]
@@ -169,11 +173,13 @@ def main() -> None:
         elif not baseline.is_file():
             baseline, role = untrained_baseline(args.data / "resnet50-untrained.safetensors", args.model), \
                 "baseline (untrained weights)"
-        roles = {args.model: "default model", **{m: "compared" for m in args.also}, str(baseline): role}
+        runs = [(args.model, rt, "default model") for rt in args.runtimes.split(",")]
+        runs += [(m, "torch", "compared") for m in args.also] + [(str(baseline), "torch", role)]
         if "baseline" in skip:
-            roles.pop(str(baseline))
-        for model, what in roles.items():
-            rec = measure(mosaic, model, args.data, args.tile_size, args.overlap, args.batch_size, env, args.timeout)
+            runs.pop()
+        for model, runtime, what in runs:
+            rec = measure(mosaic, model, args.data, args.tile_size, args.overlap, args.batch_size, env, args.timeout,
+                          runtime)
             rec["role"] = what
             record["e2e"].append(rec)
     if "stream" not in skip:
@@ -189,14 +195,17 @@ def _table(rec: dict) -> str:
     info = rec["machine"]
     lines = []
     if rec["e2e"]:
-        lines += ["| model | role | raster | Mpx/s | seconds | peak RSS (MB) | objects | load avg. |", "|" + "---|" * 8]
+        lines += ["| model | runtime | role | raster | Mpx/s | seconds | peak RSS (MB) | objects | load avg. |",
+                  "|" + "---|" * 9]
         for r in rec["e2e"]:
-            lines.append(f"| {r['model']} | {r['role']} | {r['raster']} ({r['mpx']} Mpx) | {r.get('mpx_per_s', '-')} | "
+            lines.append(f"| {r['model']} | {r.get('runtime', 'torch')} | {r['role']} | {r['raster']} "
+                         f"({r['mpx']} Mpx) | {r.get('mpx_per_s', '-')} | "
                          f"{r['seconds']} | {r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} | "
                          f"{r.get('loadavg_1min', '-')} |")
         ok = [r for r in rec["e2e"] if "mpx_per_s" in r]
         if len(ok) >= 2:
-            lines.append("\n" + "; ".join(f"speed-up of {ok[0]['model']} over {r['model']}: "
+            lines.append("\n" + "; ".join(f"speed-up of {ok[0]['model']} ({ok[0].get('runtime', 'torch')}) over "
+                                           f"{r['model']} ({r.get('runtime', 'torch')}): "
                                            f"{ok[0]['mpx_per_s'] / r['mpx_per_s']:.2f}x" for r in ok[1:]) + ".")
     if rec["stream"]:
         lines += ["", "| raster side (px) | Mpx | Mpx/s | seconds | peak RSS (MB) | objects |",
@@ -220,7 +229,7 @@ def _plot(rec: dict, png: Path) -> None:
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     ok = [r for r in rec["e2e"] if "mpx_per_s" in r]
-    a1.bar([f"{r['model']}\n({r['role']})" for r in ok], [r["mpx_per_s"] for r in ok],
+    a1.bar([f"{r['model']} {r.get('runtime', 'torch')}\n({r['role']})" for r in ok], [r["mpx_per_s"] for r in ok],
            color=["tab:green"] + ["tab:gray"] * (len(ok) - 1))
     a1.set_ylabel("megapixels per second")
     a1.set_title("end to end, same raster and tiling", fontsize=10)

@@ -1,4 +1,5 @@
-"""Make a trained model file a bundled default model: fp16 weights, a version, under rs_engine/weights/NAME.
+"""Make a trained model file a bundled default model: fp16 weights, a version, under rs_engine/weights/NAME, in
+both forms: NAME.safetensors (PyTorch, training) and NAME.onnx (the light engine, ``rs-engine export``).
 
 Usage (from the repository root):
     .venv/bin/python examples/bundle_model.py TRAINED.safetensors --version 0.2 [--name ssdd-ship]
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rs_engine.checkpoint import bundled_models, load_model, read_card, save_model, update_card
+from rs_engine.export import export_onnx
 from training.commands import portable
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "rs_engine" / "weights"
@@ -50,6 +52,7 @@ def main() -> None:
         path = update_card(bundled_models()[args.card_only],
                            dataclasses.replace(card, provenance=portable_provenance(card.provenance)))
         print(f"{path}: card paths made portable")
+        _export(path)
         return
     if args.model is None or args.version is None:
         ap.error("give MODEL and --version (or --card-only NAME)")
@@ -58,6 +61,13 @@ def main() -> None:
                                provenance=portable_provenance(card.provenance))
     out = save_model(WEIGHTS / f"{card.name}.safetensors", model, card, half=True)
     print(f"{out}: {card.label}, {out.stat().st_size / 2**20:.1f} MiB")
+    _export(out)
+
+
+def _export(path: Path) -> None:
+    """The ONNX form beside the .safetensors one, with the same card (the light engine's bundled model)."""
+    onnx = export_onnx(path, path.with_suffix(".onnx"), overwrite=True)
+    print(f"{onnx}: {onnx.stat().st_size / 2**20:.1f} MiB")
 
 
 if __name__ == "__main__":

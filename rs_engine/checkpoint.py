@@ -1,4 +1,5 @@
-"""The model file: weights + model card in one ``.safetensors`` file. The only place that reads or writes them.
+"""The PyTorch model file: weights + model card in one ``.safetensors`` file. The only place that reads or writes
+them (the card itself, and finding files by name: :mod:`rs_engine.card`, torch-free).
 
 A model file is a safetensors file (no pickle, so loading can never run code) whose string metadata holds the
 model card as JSON under the key ``"model_card"``. The card says what the network needs (architecture config,
@@ -11,127 +12,28 @@ Bundled models live in ``rs_engine/weights/NAME.safetensors`` and are addressed 
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rs_engine.card import (  # noqa: F401  (re-exported: the card's API as it was before the split)
+    BUNDLED_DIR,
+    CARD_KEY,
+    FORMAT_VERSION,
+    ModelCard,
+    _first_line,
+    bundled_models,
+    read_card,
+    resolve_model,
+)
 from rs_engine.errors import InputError, raise_write_error, remove_quietly
 
 log = logging.getLogger(__name__)
-
-BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
-CARD_KEY = "model_card"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ModelCard:
-    """What a model needs and gives, stored with its weights.
-
-    Attributes:
-        name: short model name, e.g. ``"nwpu10"``.
-        version: model version string, e.g. ``"1.0"``.
-        architecture: the :class:`rs_engine.models.ModelConfig` as a dict (``dataclasses.asdict``).
-        class_names: names of the object classes, index i is ``class_id`` i + 1 (0 is background).
-        bands: number of input bands the network takes.
-        mean, std: per-band normalisation in the raster's own units (after complex -> magnitude):
-            ``x_norm = (x - mean) / std``; one value per band.
-        gsd: training ground sample distance in metres per pixel, or ``None`` when unknown (no resampling).
-        tile_size: default tile size in pixels.
-        overlap: default tile overlap in pixels.
-        score_threshold: default minimum instance score (0-1).
-        provenance: free-form facts: training data, epochs, hardware, metrics, command.
-        format_version: model file format version.
-    """
-
-    name: str
-    version: str
-    architecture: dict[str, Any]
-    class_names: list[str]
-    bands: int
-    mean: list[float]
-    std: list[float]
-    gsd: float | None = None
-    tile_size: int = 512
-    overlap: int = 128
-    score_threshold: float = 0.5
-    provenance: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if len(self.mean) != self.bands or len(self.std) != self.bands:
-            raise ValueError(f"model card: mean/std need {self.bands} values, got {len(self.mean)}/{len(self.std)}")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("model card: std values must be positive")
-
-    @property
-    def label(self) -> str:
-        """``name`` and ``version`` as written in the output layer's ``model`` field."""
-        return f"{self.name} {self.version}"
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelCard:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def bundled_models() -> dict[str, Path]:
-    """Names and paths of the model files shipped with the engine."""
-    if not BUNDLED_DIR.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(BUNDLED_DIR.glob("*.safetensors"))}
-
-
-def resolve_model(spec: str | os.PathLike) -> Path:
-    """Turn a model name (bundled) or path into an existing file path.
-
-    Raises:
-        InputError: no bundled model has that name and no file exists at that path.
-    """
-    text = str(spec)
-    bundled = bundled_models()
-    if text in bundled:
-        return bundled[text]
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
-    names = ", ".join(bundled) or "none installed"
-    if path.suffix or os.sep in text:
-        raise InputError(f"{text}: model file not found (bundled models: {names})")
-    raise InputError(f"{text}: unknown model name (bundled models: {names})")
-
-
-def read_card(spec: str | os.PathLike) -> ModelCard:
-    """Read only the model card of a model file (cheap: no weights are loaded).
-
-    Raises:
-        InputError: the file is missing, is not a safetensors file, or has no valid model card.
-    """
-    path = resolve_model(spec)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a valid model file ({_first_line(exc)})") from None
-    if CARD_KEY not in meta:
-        raise InputError(f"{path}: model file has no model card (was it written by rs-train?)")
-    try:
-        return ModelCard.from_json(meta[CARD_KEY])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise InputError(f"{path}: model card is invalid ({_first_line(exc)})") from None
 
 
 def load_state(
@@ -142,8 +44,10 @@ def load_state(
     Raises:
         InputError: as :func:`read_card`, or the tensor data is corrupt.
     """
-    card = read_card(spec)
-    path = resolve_model(spec)
+    path = resolve_model(spec, ".safetensors")
+    if path.suffix.lower() == ".onnx":
+        raise InputError(f"{path}: an ONNX model runs with --runtime onnx; PyTorch loads .safetensors models")
+    card = read_card(path)
     try:
         state: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -256,7 +160,3 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         if tmp is not None:
             remove_quietly(tmp)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -67,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="raster files GDAL can read (VRT mosaics too), folders of rasters or glob patterns")
     s.add_argument("-o", "--output", required=True, metavar="OUT.gpkg", help="output GeoPackage")
-    s.add_argument("--model", default="nwpu10", help="bundled model name or model file path (default: nwpu10)")
+    s.add_argument("--model", default="nwpu10",
+                   help="bundled model name, or a .safetensors or .onnx model file (default: nwpu10)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
+                   help="PyTorch or ONNX Runtime (default auto: onnx for .onnx files or without PyTorch)")
+    s.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime (default: all cores)")
     s.add_argument("--tile-size", type=int, metavar="PX", help="tile side in pixels (default: model card)")
     s.add_argument("--overlap", type=int, metavar="PX", help="tile overlap in pixels (default: model card)")
     s.add_argument("--score-threshold", type=float, metavar="F", help="minimum score 0-1 (default: model card)")
@@ -89,8 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the model cards as JSON")
     m.add_argument("paths", nargs="*", metavar="MODEL", help="also describe these model files")
 
-    d = sub.add_parser("doctor", help="versions, device, CUDA and mamba-ssm status")
+    d = sub.add_parser("doctor", help="versions, runtimes, device, CUDA and mamba-ssm status")
     d.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("export", help="write a model as ONNX, for ONNX Runtime (needs PyTorch and onnx)")
+    e.add_argument("model", metavar="MODEL", help="bundled model name or .safetensors model file")
+    e.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    e.add_argument("--tile-size", type=int, metavar="PX", help="tile side the graph takes (default: model card)")
+    e.add_argument("--min-score", type=float, metavar="F",
+                   help="box-score floor inside the graph (default: the card's score threshold)")
+    e.add_argument("--fp32", action="store_true", help="store float32 weights (default: float16, computed in fp32)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT.onnx if it exists")
     return p
 
 
@@ -114,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _segment(args, emit)
         if args.command == "models":
             return _models(args)
+        if args.command == "export":
+            return _export(args)
         return _doctor(args)
     except InputError as exc:
         emit.error(str(exc))
@@ -162,6 +177,8 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
     opts = SegmentOptions(
         model=args.model,
         device=args.device,
+        runtime=args.runtime,
+        threads=args.threads,
         tile_size=args.tile_size,
         overlap=args.overlap,
         score_threshold=args.score_threshold,
@@ -211,7 +228,7 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from rs_engine.checkpoint import bundled_models, read_card
+    from rs_engine.card import bundled_models, read_card
 
     entries = [(name, str(path)) for name, path in bundled_models().items()] + [(p, p) for p in args.paths]
     cards = [(name, path, read_card(path)) for name, path in entries]
@@ -227,37 +244,68 @@ def _models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    from rs_engine.runtime import torch_available
+
+    if not torch_available():
+        raise InputError("export needs PyTorch: pip install 'delineate[torch]'")
+    from rs_engine.export import export_onnx
+
+    out = export_onnx(args.model, args.output, args.tile_size, args.min_score, not args.fp32, args.overwrite)
+    print(f"{out}: {out.stat().st_size / 1e6:.1f} MB")
+    return EXIT_OK
+
+
 def _doctor(args: argparse.Namespace) -> int:
+    import os
+
     import numpy
     import rasterio
-    import torch
-    import torchvision
 
-    from rs_engine.checkpoint import bundled_models
-    from rs_engine.ops import mamba_ssm_status
+    from rs_engine.card import bundled_models
+    from rs_engine.runtime import onnxruntime_available, torch_available
 
-    cuda = torch.cuda.is_available()
     facts: dict[str, Any] = {
         "rs_engine": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
         "numpy": numpy.__version__,
         "rasterio": rasterio.__version__,
         "gdal": rasterio.__gdal_version__,
-        "cpu_threads": torch.get_num_threads(),
-        "cuda_available": cuda,
-        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
-        "mamba_ssm": mamba_ssm_status(),
-        "device_auto": "cuda" if cuda else "cpu",
+        "cpu_cores": os.cpu_count(),
+        "runtimes": [],
+        "onnxruntime": None,
+        "onnxruntime_providers": [],
+        "torch": None,
+        "torchvision": None,
+        "cuda_available": False,
+        "cuda_device": None,
+        "mamba_ssm": None,
+        "device_auto": "cpu",
         "bundled_models": sorted(bundled_models()),
+        "bundled_onnx": sorted(bundled_models(".onnx")),
     }
+    if onnxruntime_available():
+        import onnxruntime
+
+        facts.update(onnxruntime=onnxruntime.__version__, onnxruntime_providers=onnxruntime.get_available_providers())
+        facts["runtimes"].append("onnx")
+    if torch_available():
+        import torch
+        import torchvision
+
+        from rs_engine.ops import mamba_ssm_status
+
+        cuda = torch.cuda.is_available()
+        facts.update(torch=torch.__version__, torchvision=torchvision.__version__, cuda_available=cuda,
+                     cuda_device=torch.cuda.get_device_name(0) if cuda else None, mamba_ssm=mamba_ssm_status(),
+                     device_auto="cuda" if cuda else "cpu")  # fmt: skip
+        facts["runtimes"].insert(0, "torch")
     if args.json:
         print(json.dumps(facts, indent=1))
     else:
         for key, value in facts.items():
-            print(f"{key:16s} {value}")
+            print(f"{key:22s} {value}")
     return EXIT_OK
 
 

@@ -36,10 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rasterio
-import torch
 
-from rs_engine.checkpoint import load_model
-from rs_engine.device import resolve_device
 from rs_engine.errors import InputError
 from rs_engine.pipeline import (
     Cancelled,
@@ -51,6 +48,7 @@ from rs_engine.pipeline import (
 )
 from rs_engine.postprocess import Instance
 from rs_engine.raster import RasterSource
+from rs_engine.runtime import load_predictor
 from rs_engine.tiling import Grid, Tile, TilePlan
 
 log = logging.getLogger(__name__)
@@ -241,20 +239,25 @@ def block_batches(
 
 # ------------------------------------------------------------------------------------------------ workers
 
-_MODELS: dict[tuple[str, str], tuple[Predictor, float]] = {}
+_MODELS: dict[tuple[str, str, str, float], Predictor] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _worker_model(model: str, device: str, score_threshold: float) -> Predictor:
-    """The model of this worker process, loaded on first use and kept for every later block and run."""
+def _worker_model(options: SegmentOptions, score_threshold: float) -> Predictor:
+    """The model of this worker process, loaded on first use and kept for every later block and run.
+
+    A local cluster's worker gets its share of the cores in ``OMP_NUM_THREADS`` (see :func:`connect`).
+    """
+    threads = os.environ.get("OMP_NUM_THREADS")
+    key = (options.model, options.runtime, options.device, score_threshold)
     with _MODELS_LOCK:
-        if (model, device) not in _MODELS:
-            predictor, _ = load_model(model, resolve_device(device))
-            _MODELS[(model, device)] = (predictor, predictor.roi_heads.score_thresh)
-        predictor, card_threshold = _MODELS[(model, device)]
-    # As in a local run: drop low scores inside the box head, before full-tile masks are pasted.
-    predictor.roi_heads.score_thresh = max(card_threshold, score_threshold)
-    return predictor
+        if key not in _MODELS:
+            predictor, _ = load_predictor(options.model, options.runtime, options.device,
+                                          int(threads) if threads and threads.isdigit() else options.threads)
+            # As in a local run: drop low scores inside the box head, before full-tile masks are pasted.
+            predictor.set_score_threshold(score_threshold)
+            _MODELS[key] = predictor
+        return _MODELS[key]
 
 
 def predict_block(
@@ -267,10 +270,7 @@ def predict_block(
     """The task of one block (runs on a worker): its tiles' instances, ``options.batch_size`` tiles per forward
     pass, and how many tiles were skipped as all-nodata."""
     if predictor is None:
-        predictor = _worker_model(options.model, options.device, score_threshold)
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and torch.get_num_threads() != int(threads):
-        torch.set_num_threads(int(threads))  # a local cluster's share of the cores (see connect)
+        predictor = _worker_model(options, score_threshold)
     instances: list[list[Instance]] = []
     skipped = 0
     with rasterio.Env(**gdal_options()):

@@ -24,19 +24,18 @@ from typing import Any
 import numpy as np
 import rasterio
 import shapely
-import torch
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 
-from rs_engine.checkpoint import ModelCard, load_model, read_card
-from rs_engine.device import resolve_device
+from rs_engine.card import ModelCard, read_card
 from rs_engine.errors import InputError, raise_write_error
 from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
 from rs_engine.inputs import expand_inputs, open_sources, output_crs
 from rs_engine.postprocess import Instance, MergedObject, TileMerger, as_multipolygon, tile_instances, to_map
 from rs_engine.raster import RasterSource, check_extent
+from rs_engine.runtime import choose_runtime, load_predictor, model_file
 from rs_engine.tiling import Tile, TilePlan
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,9 @@ __all__ = ["FIELDS", "LAYER", "Cancelled", "SegmentOptions", "SegmentResult", "T
 
 MIN_TILE_SIZE = 8
 
-#: ``predictor(list of (C, H, W) float32 tensors) -> list of dicts`` (torchvision Mask R-CNN, eval mode).
-Predictor = Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
+#: ``predictor(list of (C, H, W) float32 arrays) -> list of dicts`` of arrays (torchvision Mask R-CNN's eval-mode
+#: convention; :mod:`rs_engine.runtime`).
+Predictor = Callable[[list[np.ndarray]], list[dict[str, Any]]]
 
 
 class Cancelled(Exception):
@@ -57,8 +57,10 @@ class Cancelled(Exception):
 class SegmentOptions:
     """Options of one segmentation run (the CLI's flags). None means "the model card's value"."""
 
-    model: str = "nwpu10"  # bundled model name or path to a .safetensors model file
+    model: str = "nwpu10"  # bundled model name, or path to a .safetensors (PyTorch) or .onnx model file
     device: str = "auto"  # auto | cpu | cuda | cuda:N (rs_engine.device)
+    runtime: str = "auto"  # auto | torch | onnx (rs_engine.runtime: auto is onnx without PyTorch or for .onnx)
+    threads: int | None = None  # CPU threads of the runtime; None: all cores
     tile_size: int | None = None  # pixels (of the model's grid); None -> card.tile_size
     overlap: int | None = None  # pixels; None -> card.overlap
     score_threshold: float | None = None  # 0-1; None -> card.score_threshold
@@ -119,9 +121,10 @@ def segment(
             segmented one after the other into one layer.
         output: GeoPackage path (``.gpkg``).
         options: run options; None -> defaults.
-        predictor: ``predictor(list of (C, T, T) float32 normalised tensors) -> list of dicts`` with ``boxes``
-            (K, 4), ``labels`` (K,) 1..num_classes, ``scores`` (K,) and ``masks`` (K, 1, T, T) probabilities,
-            i.e. torchvision Mask R-CNN's eval-mode convention; None -> ``load_model(options.model)``.
+        predictor: ``predictor(list of (C, T, T) float32 normalised arrays) -> list of dicts`` with ``boxes``
+            (K, 4), ``labels`` (K,) 1..num_classes, ``scores`` (K,) and ``masks`` (K, 1, T, T) probabilities
+            (arrays or tensors), i.e. torchvision Mask R-CNN's eval-mode convention; None ->
+            :func:`rs_engine.runtime.load_predictor` of ``options.model`` in ``options.runtime``.
         card: the model card that goes with ``predictor``; None -> read from ``options.model``.
         progress: called as ``progress(done_tiles, total_tiles)`` from 0 to total (counted in tiles across
             all workers on a cluster, block by block).
@@ -143,9 +146,15 @@ def segment(
         raise InputError("no input raster given")
     _check_options(options)
     output = Path(output)
+    runtime = None
     if card is None:
-        card = read_card(options.model)  # the card alone is cheap; weights load after validation
+        runtime = choose_runtime(options.model, options.runtime)
+        card = read_card(model_file(options.model, runtime))  # the card alone is cheap; weights load later
     tile_size = options.tile_size if options.tile_size is not None else card.tile_size
+    exported = card.provenance.get("onnx", {}).get("tile_size") if runtime == "onnx" else None
+    if exported and tile_size != exported:
+        raise InputError(f"{options.model}: this ONNX model was exported for {exported} px tiles, not {tile_size} "
+                         f"(rs-engine export --tile-size {tile_size} makes one)")
     overlap = options.overlap if options.overlap is not None else card.overlap
     score_threshold = options.score_threshold if options.score_threshold is not None else card.score_threshold
     _check_tiling(tile_size, overlap, score_threshold)
@@ -170,11 +179,12 @@ def segment(
             # Every check is done: only now are the model loaded or the cluster started.
             if scheduler is None:
                 if predictor is None:
-                    predictor, card = load_model(options.model, resolve_device(options.device))
+                    loaded, card = load_predictor(options.model, runtime, options.device, options.threads)
                     run.card = card
                     # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each
                     # detection (200 x T x T floats per tile otherwise).
-                    predictor.roi_heads.score_thresh = max(predictor.roi_heads.score_thresh, score_threshold)
+                    loaded.set_score_threshold(score_threshold)
+                    predictor = loaded
                 batches = _local_batches(sources, plans, predictor, score_threshold, options, cancel)
                 with contextlib.closing(batches):
                     features, skipped = run.write(output, batches)
@@ -423,21 +433,10 @@ class _Run:
 def _predict(predictor: Predictor, images: list[np.ndarray]) -> list[dict[str, Any]]:
     if not images:
         return []
-    device = _device_of(predictor)
-    with torch.inference_mode():
-        outputs = predictor([torch.from_numpy(image).to(device) for image in images])
+    outputs = predictor(images)
     if len(outputs) != len(images):
         raise RuntimeError(f"predictor returned {len(outputs)} results for {len(images)} tiles")
-    return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()} for out in outputs]
-
-
-def _device_of(predictor: Predictor) -> torch.device:
-    """Where the predictor's weights live (CPU for plain callables)."""
-    if isinstance(predictor, torch.nn.Module):
-        param = next(predictor.parameters(), None)
-        if param is not None:
-            return param.device
-    return torch.device("cpu")
+    return outputs
 
 
 def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -33,10 +33,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import shapely
-import torch
 from affine import Affine
 from rasterio import features
 from shapely import affinity
@@ -127,14 +127,17 @@ def mask_to_geometry(mask: np.ndarray, x0: int = 0, y0: int = 0, min_pixels: int
     return MultiPolygon(polygons) if polygons else None
 
 
-def _to_numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", torch.float32 if value.is_floating_point() else value.dtype).numpy()
+def _to_numpy(value: Any) -> np.ndarray:
+    """A predictor's array (numpy, or a torch tensor from a caller's own predictor) as numpy, floats as float32."""
+    if hasattr(value, "detach"):  # a torch tensor: no torch import needed to recognise one
+        value = value.detach().cpu()
+        value = value.float() if value.is_floating_point() else value
+        return value.numpy()
     return np.asarray(value)
 
 
 def tile_instances(
-    prediction: Mapping[str, torch.Tensor | np.ndarray],
+    prediction: Mapping[str, Any],
     tile: Tile,
     valid: np.ndarray,
     score_threshold: float,

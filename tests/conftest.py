@@ -47,10 +47,10 @@ class LabelPredictor:
         self.calls = 0
         self.tiles = 0
 
-    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         self.calls += 1
         self.tiles += len(images)
-        return [self._predict(image[0].numpy()) for image in images]
+        return [self._predict(np.asarray(image[0])) for image in images]
 
     def _predict(self, band: np.ndarray) -> dict[str, torch.Tensor]:
         masks, boxes, labels = [], [], []
@@ -77,7 +77,7 @@ class FixedPredictor:
         self.label = label
         self.score = score
 
-    def __call__(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         mask = torch.from_numpy(self.mask.astype(np.float32))[None, None]
         return [
             {

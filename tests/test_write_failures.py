@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -49,10 +48,11 @@ from rs_engine.checkpoint import read_card
 from rs_engine.cli import main
 
 class Predictor(LabelPredictor):
-    roi_heads = types.SimpleNamespace(score_thresh=0.0)
+    def set_score_threshold(self, threshold):
+        pass
 
 # the module (rs_engine.pipeline the attribute may be the function of that name)
-importlib.import_module("rs_engine.pipeline").load_model = lambda spec, device: (Predictor(), read_card(spec))
+importlib.import_module("rs_engine.pipeline").load_predictor = lambda spec, *a: (Predictor(), read_card(spec))
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -72,7 +72,8 @@ def engine_here(monkeypatch, capsys, caplog, label_predictor) -> Callable[..., t
 
     def run(*args: object, before_batch: Callable[[int], None] | None = None) -> tuple[int, str, str]:
         class Predictor(label_predictor):
-            roi_heads = types.SimpleNamespace(score_thresh=0.0)
+            def set_score_threshold(self, threshold):  # noqa: ANN001, ANN202
+                pass
 
             def __call__(self, images):  # noqa: ANN001, ANN204
                 if before_batch is not None:
@@ -80,7 +81,7 @@ def engine_here(monkeypatch, capsys, caplog, label_predictor) -> Callable[..., t
                 return super().__call__(images)
 
         module = importlib.import_module("rs_engine.pipeline")  # the module, not the function of the same name
-        monkeypatch.setattr(module, "load_model", lambda spec, device: (Predictor(), read_card(spec)))
+        monkeypatch.setattr(module, "load_predictor", lambda spec, *a: (Predictor(), read_card(spec)))
         capsys.readouterr()
         caplog.clear()
         code = main([*map(str, args), "--progress", "none"])

@@ -7,12 +7,14 @@ Algorithm 2), per batch ``b``, channel ``d`` and state ``n``::
     y_t = sum_n C_t[n] * h_t[n] + D * u_t
     out = y * silu(z)                                              (when z is given)
 
-Three implementations share that contract (the one of mamba-ssm's
+Four implementations share that contract (the one of mamba-ssm's
 ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``, real ``A`` only):
 
 * :func:`selective_scan_fn` -- the dispatcher: mamba-ssm's fused kernel when the tensors are on CUDA and
   ``mamba_ssm`` imports, otherwise :func:`selective_scan_chunked`.
 * :func:`selective_scan_chunked` -- pure PyTorch, fast on a CPU, differentiable (hand-written backward).
+* :func:`rs_engine.ops.scan_export.selective_scan_export` -- standard operators only, what an ONNX export
+  traces (inference; ``rs-engine export``).
 * :func:`selective_scan_ref` -- the slow reference: decays and inputs precomputed for every token, then a
   Python loop over tokens, as mamba-ssm's ``selective_scan_ref``. It runs in whatever floating dtype it is
   given, so tests use it in float64 as ground truth.
@@ -32,6 +34,7 @@ import torch
 
 from rs_engine.ops.scan_chunked import DEFAULT_CHUNK_SIZE, selective_scan_chunked
 from rs_engine.ops.scan_contract import check_args
+from rs_engine.ops.scan_export import selective_scan_export
 from rs_engine.ops.scan_reference import selective_scan_ref
 
 __all__ = [
@@ -128,6 +131,10 @@ def selective_scan_fn(
         ValueError: shapes, dtypes or devices outside the contract, or complex ``A``.
     """
     check_args(u, delta, A, B, C, D, z, delta_bias)
+    if torch.onnx.is_in_onnx_export():  # standard operators only, so the graph needs no custom op
+        if return_last_state:
+            raise ValueError("selective scan: return_last_state is not exportable")
+        return selective_scan_export(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if scan_backend(u) == "mamba_ssm":
         fn = _load_mamba_ssm()[0]
         assert fn is not None

@@ -1,0 +1,187 @@
+"""Runtimes: what runs the network on the tiles. PyTorch (``.safetensors`` models) or ONNX Runtime (``.onnx``).
+
+A predictor is ``predictor(list of (C, T, T) float32 normalised arrays) -> list of dicts`` with ``boxes`` (K, 4)
+x1y1x2y2 tile pixels, ``labels`` (K,) 1..num_classes, ``scores`` (K,) 0-1 and ``masks`` (K, 1, T, T)
+probabilities, as numpy arrays: torchvision Mask R-CNN's eval-mode convention, whichever runtime computes it.
+The pipeline (:mod:`rs_engine.pipeline`) sees only that, so tiling, merging and writing are one code path.
+
+``--runtime auto`` takes ONNX Runtime when PyTorch is not installed (the light engine, ``pip install delineate``)
+or the model is an ``.onnx`` file, and PyTorch otherwise. Nothing here imports PyTorch unless it runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rs_engine.card import ModelCard, _first_line, read_card, resolve_model
+from rs_engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnx")
+#: ONNX graph input and outputs, as ``rs-engine export`` names them.
+ONNX_INPUT, ONNX_OUTPUTS = "image", ("boxes", "labels", "scores", "masks")
+
+
+def torch_available() -> bool:
+    """True when PyTorch and torchvision are installed (without importing them)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "torchvision"))
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def choose_runtime(spec: str | os.PathLike, runtime: str = "auto") -> str:
+    """``"torch"`` or ``"onnx"`` for a model spec (bundled name or path) and the ``--runtime`` choice.
+
+    Raises:
+        InputError: an unknown runtime, or a runtime that is not installed (with what to install).
+    """
+    if runtime not in RUNTIMES:
+        raise InputError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        onnx_file = str(spec).lower().endswith(".onnx")
+        runtime = "onnx" if onnx_file or not torch_available() else "torch"
+    if runtime == "torch" and not torch_available():
+        raise InputError("--runtime torch: PyTorch is not installed (pip install 'delineate[torch]')")
+    if runtime == "onnx" and not onnxruntime_available():
+        raise InputError("--runtime onnx: ONNX Runtime is not installed (pip install onnxruntime)")
+    return runtime
+
+
+def model_file(spec: str | os.PathLike, runtime: str) -> Path:
+    """The model file a runtime reads for ``spec``: for a bundled name its ``.safetensors`` (torch) or ``.onnx``.
+
+    Raises:
+        InputError: no such model, or a file of the other runtime's form.
+    """
+    suffix = ".onnx" if runtime == "onnx" else ".safetensors"
+    path = resolve_model(spec, suffix)
+    if path.suffix.lower() != suffix:
+        other = "onnx" if runtime == "torch" else "torch"
+        raise InputError(f"{path}: a {path.suffix} model runs with --runtime {other}, not {runtime}"
+                         + (" (rs-engine export writes the .onnx form)" if runtime == "onnx" else ""))
+    return path
+
+
+def load_predictor(
+    spec: str | os.PathLike, runtime: str = "auto", device: str = "auto", threads: int | None = None
+) -> tuple[TorchPredictor | OnnxPredictor, ModelCard]:
+    """Load a model for inference in the chosen runtime; returns ``(predictor, card)``.
+
+    Args:
+        spec: bundled model name or model file path.
+        runtime: ``auto``, ``torch`` or ``onnx`` (:func:`choose_runtime`).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`rs_engine.device.resolve_device`); ONNX Runtime
+            uses its CUDA execution provider for a CUDA device when it has one, else the CPU.
+        threads: intra-op CPU threads; None: the runtime's default (all cores).
+
+    Raises:
+        InputError: as :func:`choose_runtime` and :func:`model_file`; missing, corrupt or mismatched model files.
+    """
+    runtime = choose_runtime(spec, runtime)
+    path = model_file(spec, runtime)
+    if runtime == "torch":
+        import torch
+
+        from rs_engine.checkpoint import load_model
+        from rs_engine.device import resolve_device
+
+        if threads:
+            torch.set_num_threads(threads)
+        dev = resolve_device(device)
+        model, card = load_model(path, dev)
+        return TorchPredictor(model), card
+    card = read_card(path)
+    return OnnxPredictor(path, card, cuda=device.startswith("cuda"), threads=threads), card
+
+
+class TorchPredictor:
+    """A torchvision Mask R-CNN in eval mode as a predictor (numpy in, numpy out), on the model's device."""
+
+    runtime = "torch"
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self.model = model
+        param = next(model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+
+    def set_score_threshold(self, threshold: float) -> None:
+        """Drop low scores inside the box head, before a full-tile mask is pasted for each detection."""
+        heads = self.model.roi_heads
+        heads.score_thresh = max(heads.score_thresh, threshold)
+
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        import torch
+
+        with torch.inference_mode():
+            outputs = self.model([torch.from_numpy(np.ascontiguousarray(i)).to(self.device) for i in images])
+        return [{k: v.cpu().numpy() for k, v in out.items()} for out in outputs]
+
+
+@functools.lru_cache(maxsize=4)
+def _session(path: str, mtime_ns: int, cuda: bool, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # warnings of shape inference on the mask loop's dynamic count are noise
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(path, opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... classes
+        raise InputError(f"{path}: not a valid ONNX model ({_first_line(exc)})") from None
+
+
+def onnx_session(path: str | os.PathLike, cuda: bool = False, threads: int | None = None) -> Any:
+    """The ONNX Runtime session of a model file, made once per file version, device and thread count.
+
+    Raises:
+        InputError: missing or unreadable file, or not a valid ONNX model.
+    """
+    path = Path(path)
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the model ({exc.strerror})") from None
+    return _session(str(path), mtime, cuda, threads)
+
+
+class OnnxPredictor:
+    """An exported model (``rs-engine export``) run by ONNX Runtime, one tile per run (the graph takes one
+    (C, T, T) image at the tile size it was exported for)."""
+
+    runtime = "onnx"
+
+    def __init__(self, path: Path, card: ModelCard, cuda: bool = False, threads: int | None = None) -> None:
+        self.session = onnx_session(path, cuda, threads)
+        shape = self.session.get_inputs()[0].shape
+        self.input_shape = tuple(int(s) for s in shape)
+        self.tile_size = self.input_shape[-1]
+        self.path = path
+
+    def set_score_threshold(self, threshold: float) -> None:
+        """Nothing to do: the graph's box-score floor was fixed at export; lower scores are never returned."""
+
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        outputs = []
+        for image in images:
+            if tuple(image.shape) != self.input_shape:
+                raise InputError(f"{self.path}: takes {self.input_shape[1]} band(s) of {self.tile_size} px tiles "
+                                 f"(fixed at export), got {tuple(image.shape)}")
+            values = self.session.run(None, {ONNX_INPUT: np.ascontiguousarray(image, dtype=np.float32)})
+            outputs.append(dict(zip(ONNX_OUTPUTS, values)))
+        return outputs
