@@ -7,7 +7,8 @@ Keys (all under ``delineate/``):
 - ``user_models``: JSON list of model file paths the user added or trained (shown beside the bundled models).
 
 Without ``engine_python``: ``<repository>/.venv/bin/python`` when the plugin runs from the repository (the plugin
-folder's parent holds ``.venv``), else ``rs-engine`` / ``rs-train`` found on PATH.
+folder's parent holds ``.venv``), else the engine "Install engine" put in the profile (:func:`installed_python`),
+else ``rs-engine`` / ``rs-train`` found on PATH.
 """
 
 from __future__ import annotations
@@ -93,12 +94,15 @@ def engine_command(tool: str = "rs-engine") -> EngineCommand:
     venv = repo_venv_python()
     if venv is not None:
         return EngineCommand(str(venv), ("-m", module), str(venv.parent.parent.parent))
+    installed = installed_python()
+    if installed is not None:
+        return EngineCommand(str(installed), ("-m", module))
     found = shutil.which(script)
     if found:
         return EngineCommand(found, ())
     raise EngineNotFound(
-        f"{script} not found: install the Delineate engine (pip install delineate) and set its Python "
-        "in Delineate > Settings"
+        f"{script} not found: click Install engine in Delineate > Settings (or pip install delineate and set "
+        "its Python there)"
     )
 
 
@@ -119,10 +123,24 @@ def add_user_model(path: str) -> None:
     QgsSettings().setValue(KEY_USER_MODELS, json.dumps(paths))
 
 
-def default_models_dir() -> Path:
-    """Where trained models go by default: ``<QGIS profile>/delineate/models``."""
+def engine_home() -> Path:
+    """The plugin's folder in the QGIS profile, ``<QGIS profile>/delineate``: the installed engine (``engine/``),
+    its installer's uv (``tools/uv``) and trained models (``models/``)."""
     from qgis.core import QgsApplication
 
-    base = Path(QgsApplication.qgisSettingsDirPath() or Path.home() / ".delineate")
-    return base / "delineate" / "models"
+    return Path(QgsApplication.qgisSettingsDirPath() or Path.home() / ".delineate") / "delineate"
+
+
+def installed_python() -> Path | None:
+    """The Python of the engine "Install engine" made (``<profile>/delineate/engine``), when there is one."""
+    env = engine_home() / "engine"
+    for candidate in (env / "bin" / "python", env / "Scripts" / "python.exe"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def default_models_dir() -> Path:
+    """Where trained models go by default: ``<QGIS profile>/delineate/models``."""
+    return engine_home() / "models"
 

@@ -127,14 +127,30 @@ def flush_deletes() -> None:
         QgsApplication.processEvents()
 
 
-def load_plugin(iface: FakeIface) -> Any:
-    """classFactory + initProcessing + initGui, as QGIS does."""
+def install_plugin_zip(zip_path: str) -> str:
+    """Unpack the plugin zip into this profile's ``python/plugins`` as "Install from ZIP" does and make it
+    importable; returns its package name (``delineate``) for :func:`load_plugin`."""
+    import zipfile
+
+    plugins = os.path.join(PROFILE, "python", "plugins")
+    os.makedirs(plugins, exist_ok=True)
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(plugins)
+        (top,) = {name.split("/", 1)[0] for name in zf.namelist()}
+    sys.path.insert(0, plugins)
+    return top
+
+
+def load_plugin(iface: FakeIface, package: str = "qgis_plugin") -> Any:
+    """classFactory + initProcessing + initGui, as QGIS does (``package``: the repository's ``qgis_plugin``, or
+    the name :func:`install_plugin_zip` gave)."""
+    import importlib
+
     import qgis.utils
 
-    import qgis_plugin
-
+    module = importlib.import_module(package)
     qgis.utils.iface = iface
-    plugin = qgis_plugin.classFactory(iface)
+    plugin = module.classFactory(iface)
     plugin.initProcessing()
     plugin.initGui()
     return plugin

@@ -13,13 +13,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_profile(root: Path, engine_python: str, python: str = "/usr/bin/python3") -> Path:
-    """Install the plugin zip into ``root/profiles/default`` and enable it; returns ``root``."""
+def make_profile(root: Path, engine_python: str, python: str = "/usr/bin/python3", wheel: Path | None = None) -> Path:
+    """Install the plugin zip into ``root/profiles/default`` and enable it; returns ``root``. ``wheel``: the engine
+    wheel to bundle in the zip (None: none, as the tests that use the repository's engine need none)."""
     default = root / "profiles" / "default"
     plugins = default / "python" / "plugins"
     plugins.mkdir(parents=True, exist_ok=True)
     zip_path = root / "delineate.zip"
-    subprocess.run([python, str(ROOT / "qgis_plugin" / "build_zip.py"), str(zip_path)], check=True,
+    bundle = ["--wheel", str(wheel)] if wheel else ["--no-wheel"]
+    subprocess.run([python, str(ROOT / "qgis_plugin" / "build_zip.py"), str(zip_path), *bundle], check=True,
                    capture_output=True)
     with zipfile.ZipFile(zip_path) as zf:
         zf.extractall(plugins)
