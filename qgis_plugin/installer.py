@@ -32,6 +32,7 @@ from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, pyqtSignal
 
 from . import settings
 from .engine import log
+from .settings import qgis_python, venv_python
 
 UV_VERSION = "0.13.9"
 TORCH_EXTRA = "torch"
@@ -48,46 +49,8 @@ DAMAGED_ERRORS = ("zip", "invalid wheel", "not a valid wheel", "failed to read",
 
 
 class InstallError(RuntimeError):
-    """The install cannot start (QGIS's Python not found); the message says why, in one line."""
-
-
-def is_python_name(path: str | os.PathLike) -> bool:
-    """True for ``python``, ``python3``, ``python3.11``, ``python.exe``... (not ``qgis``, ``qgis-bin.exe``)."""
-    return re.fullmatch(r"python(3(\.\d+)?)?(\.exe)?", Path(path).name.lower()) is not None
-
-
-def qgis_python(executable: str | None = None, base_executable: str | None = None, exec_prefix: str | None = None,
-                version: tuple[int, int] | None = None, windows: bool | None = None) -> str:
-    """The Python interpreter QGIS runs (defaults: this process's ``sys`` values).
-
-    Inside QGIS ``sys.executable`` is often the QGIS program itself, so the interpreter is looked for by name:
-    ``sys.executable``, ``sys._base_executable``, then in ``sys.exec_prefix`` (``bin/python3.X``, ``bin/python3``
-    on Linux and macOS, ``python.exe`` on Windows, as OSGeo4W and the QGIS installers lay it out).
-
-    Raises:
-        InstallError: no interpreter file found in any of those places.
-    """
-    executable = sys.executable if executable is None else executable
-    base_executable = getattr(sys, "_base_executable", "") if base_executable is None else base_executable
-    prefix = Path(sys.exec_prefix if exec_prefix is None else exec_prefix)
-    major, minor = sys.version_info[:2] if version is None else version
-    windows = os.name == "nt" if windows is None else windows
-    candidates: list[str | Path] = [executable, base_executable]
-    if windows:
-        candidates += [prefix / "python.exe", prefix / "python3.exe", prefix / "bin" / "python.exe"]
-    else:
-        candidates += [prefix / "bin" / f"python{major}.{minor}", prefix / "bin" / "python3", prefix / "bin" / "python"]
-    for candidate in candidates:
-        if candidate and is_python_name(candidate) and os.path.isfile(candidate):
-            return str(candidate)
-    raise InstallError(f"cannot find the Python interpreter QGIS runs (looked for python in {prefix}); "
-                       "set the engine Python by hand")
-
-
-def venv_python(env: Path, windows: bool | None = None) -> Path:
-    """The interpreter of the virtual environment ``env`` (``Scripts/python.exe`` on Windows)."""
-    windows = os.name == "nt" if windows is None else windows
-    return env / "Scripts" / "python.exe" if windows else env / "bin" / "python"
+    """The install cannot start (QGIS's Python not found, no such wheel folder); the message says why, in one
+    line."""
 
 
 def bundled_wheel(folder: Path | None = None) -> Path | None:
@@ -207,7 +170,7 @@ def failure_message(step: Step, lines: list[str], exit_code: int, plan: InstallP
         why = (f"the local wheel folder {folder} lacks wheels this install needs" if folder
                else "the package index has no matching packages")
     elif step.tool != "rs-engine doctor" and any(s in low for s in DAMAGED_ERRORS):
-        why = "a wheel is damaged (download the plugin again, or pick another wheel folder)"
+        why = "a wheel is damaged: download the plugin again or pick another wheel folder"
     elif step.tool == "rs-engine doctor":
         why = "the new engine does not run"
     else:
@@ -410,5 +373,9 @@ def make_plan(full: bool = False, wheel_folder: str = "", wheel: Path | None = N
     folder = Path(wheel_folder).expanduser() if wheel_folder.strip() else None
     if folder is not None and not folder.is_dir():
         raise InstallError(f"Install engine failed: the wheel folder {folder} does not exist")
-    return InstallPlan(python=qgis_python(), home=settings.engine_home(), wheel=wheel or bundled_wheel(),
+    python = qgis_python()
+    if python is None:
+        raise InstallError(f"Install engine failed: cannot find the Python interpreter QGIS runs (no python in "
+                           f"{sys.exec_prefix}); set the engine Python by hand")
+    return InstallPlan(python=python, home=settings.engine_home(), wheel=wheel or bundled_wheel(),
                        wheel_folder=folder, full=full)

@@ -1,4 +1,4 @@
-"""Plugin settings (QgsSettings) and how the engine's commands are found.
+"""Plugin settings (QgsSettings), how the engine's commands are found, and the Python interpreter QGIS runs.
 
 Keys (all under ``delineate/``):
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +58,46 @@ def plugin_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
+def is_python_name(path: str | os.PathLike) -> bool:
+    """True for ``python``, ``python3``, ``python3.11``, ``python.exe``... (not ``qgis``, ``qgis-bin.exe``)."""
+    return re.fullmatch(r"python(3(\.\d+)?)?(\.exe)?", Path(path).name.lower()) is not None
+
+
+def qgis_python(executable: str | None = None, base_executable: str | None = None, exec_prefix: str | None = None,
+                version: tuple[int, int] | None = None, windows: bool | None = None) -> str | None:
+    """The Python interpreter QGIS runs (defaults: this process's ``sys`` values).
+
+    Inside QGIS ``sys.executable`` is not to be trusted: often the QGIS program itself, or whatever ``python3`` is
+    first on PATH (seen: a pyenv shim, another Python). So the interpreter is looked for in ``sys.exec_prefix``
+    first (``bin/python3.X``, ``bin/python3``, ``bin/python`` on Linux and macOS; ``python.exe`` on Windows, as
+    OSGeo4W and the QGIS installers lay it out), then ``sys._base_executable`` and ``sys.executable`` when they are
+    named like a Python. None when none of those is a file.
+    """
+    executable = sys.executable if executable is None else executable
+    base_executable = getattr(sys, "_base_executable", "") if base_executable is None else base_executable
+    prefix = Path(sys.exec_prefix if exec_prefix is None else exec_prefix)
+    major, minor = sys.version_info[:2] if version is None else version
+    windows = os.name == "nt" if windows is None else windows
+    if windows:
+        candidates: list[str | Path] = [prefix / "python.exe", prefix / "python3.exe", prefix / "bin" / "python.exe"]
+    else:
+        candidates = [prefix / "bin" / f"python{major}.{minor}", prefix / "bin" / "python3", prefix / "bin" / "python"]
+    for candidate in [*candidates, base_executable, executable]:
+        if candidate and is_python_name(candidate) and os.path.isfile(candidate):
+            return str(candidate)
+    return None
+
+
+def venv_python(env: Path, windows: bool | None = None) -> Path:
+    """The interpreter of the virtual environment ``env`` (``Scripts/python.exe`` on Windows), existing or not."""
+    windows = os.name == "nt" if windows is None else windows
+    return env / "Scripts" / "python.exe" if windows else env / "bin" / "python"
+
+
 def repo_venv_python() -> Path | None:
     """``<repository>/.venv/bin/python`` (or ``Scripts/python.exe``) when the plugin runs from the repository."""
-    root = plugin_dir().parent
-    for candidate in (root / ".venv" / "bin" / "python", root / ".venv" / "Scripts" / "python.exe"):
-        if candidate.exists():
-            return candidate
-    return None
+    candidate = venv_python(plugin_dir().parent / ".venv")
+    return candidate if candidate.exists() else None
 
 
 def engine_python() -> str:
@@ -133,11 +168,8 @@ def engine_home() -> Path:
 
 def installed_python() -> Path | None:
     """The Python of the engine "Install engine" made (``<profile>/delineate/engine``), when there is one."""
-    env = engine_home() / "engine"
-    for candidate in (env / "bin" / "python", env / "Scripts" / "python.exe"):
-        if candidate.exists():
-            return candidate
-    return None
+    candidate = venv_python(engine_home() / "engine")
+    return candidate if candidate.exists() else None
 
 
 def default_models_dir() -> Path:

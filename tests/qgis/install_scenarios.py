@@ -82,18 +82,21 @@ def units() -> None:
     (tmp / "qgis.bin").write_text("")
     (tmp / "win").mkdir()
     (tmp / "win" / "python.exe").write_text("")
-    facts["qgis_python_here"] = installer.qgis_python()
-    facts["qgis_python_binary"] = installer.qgis_python(str(tmp / "qgis.bin"), str(tmp / "qgis.bin"),
+    facts["qgis_python_here"] = settings.qgis_python()
+    facts["qgis_python_binary"] = settings.qgis_python(str(tmp / "qgis.bin"), str(tmp / "qgis.bin"),
                                                         str(tmp / "usr"), (3, 11), windows=False)
-    facts["qgis_python_windows"] = installer.qgis_python(str(tmp / "qgis-bin.exe"), "", str(tmp / "win"),
+    (tmp / "shims").mkdir()
+    (tmp / "shims" / "python3").write_text("")  # what PATH gave QGIS as sys.executable: not QGIS's Python
+    facts["qgis_python_shim"] = settings.qgis_python(str(tmp / "shims" / "python3"), str(tmp / "shims" / "python3"),
+                                                      str(tmp / "usr"), (3, 11), windows=False)
+    facts["qgis_python_named"] = settings.qgis_python(str(tmp / "shims" / "python3"), "", str(tmp / "nowhere"),
+                                                       (3, 11), windows=False)
+    facts["qgis_python_windows"] = settings.qgis_python(str(tmp / "qgis-bin.exe"), "", str(tmp / "win"),
                                                          (3, 12), windows=True)
-    try:
-        installer.qgis_python(str(tmp / "qgis.bin"), "", str(tmp / "nowhere"), (3, 11), windows=False)
-        facts["qgis_python_missing"] = None
-    except installer.InstallError as exc:
-        facts["qgis_python_missing"] = str(exc)
-    facts["venv_python"] = [str(installer.venv_python(Path("/e"), windows=False)),
-                            str(installer.venv_python(Path("/e"), windows=True))]
+    facts["qgis_python_missing"] = settings.qgis_python(str(tmp / "qgis.bin"), "", str(tmp / "nowhere"), (3, 11),
+                                                        windows=False)
+    facts["venv_python"] = [str(settings.venv_python(Path("/e"), windows=False)),
+                            str(settings.venv_python(Path("/e"), windows=True))]
     wheel = tmp / "delineate-0.1.0-py3-none-any.whl"
     wheel.write_text("")
     home = tmp / "home"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -45,15 +46,17 @@ def plugin_zip(wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    """A QGIS process's environment: offscreen, its temporary files and uv's cache under ``tmp``, and no
-    repository engine on PATH (the installed one must be what runs)."""
+    """A QGIS process's environment: offscreen, its temporary files and uv's cache under ``tmp``, no repository
+    engine on PATH (the installed one must be what runs), no pip or uv configuration of this machine."""
     (tmp / "tmp").mkdir(exist_ok=True)
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                            if not p.startswith(str(ROOT / ".venv")))
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen", OMP_NUM_THREADS="1", GDAL_PAM_ENABLED="NO", PATH=path,
-               TMPDIR=str(tmp / "tmp"), XDG_RUNTIME_DIR=str(tmp / "tmp"), UV_CACHE_DIR=str(tmp / "uv-cache"))
-    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIP_FIND_LINKS", "UV_FIND_LINKS"):
+               TMPDIR=str(tmp / "tmp"), XDG_RUNTIME_DIR=str(tmp / "tmp"))
+    for name in [n for n in env if n.startswith(("PIP_", "UV_"))] + ["PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"]:
         env.pop(name, None)
+    # this machine's pip.conf adds wheel folders and indexes: only the test's sources may be seen
+    env.update(PIP_CONFIG_FILE=os.devnull, UV_CACHE_DIR=str(tmp / "uv-cache"))
     return env
 
 
@@ -83,10 +86,12 @@ def test_installer_units(plugin_zip: Path, wheels: Path, tmp_path: Path) -> None
     """The installer's pieces: QGIS's Python, the steps' command lines, the messages, replacing an engine."""
     f = _scenario("units", plugin_zip, wheels, tmp_path)
     assert f["plugin_file"].endswith("/python/plugins/delineate/__init__.py"), "not the plugin from the zip"
-    assert f["qgis_python_here"] in ("/usr/bin/python3", "/usr/bin/python3.11")
+    assert f["qgis_python_here"] == "/usr/bin/python3.11"  # Debian's, that QGIS runs
     assert f["qgis_python_binary"] == str(tmp_path / "units" / "usr" / "bin" / "python3.11")
+    assert f["qgis_python_shim"] == f["qgis_python_binary"], "sys.executable outside QGIS's prefix was preferred"
+    assert f["qgis_python_named"] == str(tmp_path / "units" / "shims" / "python3")  # the last resort
     assert f["qgis_python_windows"] == str(tmp_path / "units" / "win" / "python.exe")
-    assert f["qgis_python_missing"].startswith("cannot find the Python interpreter QGIS runs")
+    assert f["qgis_python_missing"] is None
     assert f["venv_python"] == ["/e/bin/python", "/e/Scripts/python.exe"]
     home = tmp_path / "units" / "home"
     (pip, pip_argv, pip_clean), (_, venv, _), (_, install, _), (_, doctor, _) = f["steps_offline"]
@@ -170,3 +175,22 @@ def test_failed_installs_keep_the_old_engine(plugin_zip: Path, wheels: Path, tmp
     assert "rasterio" in f["cases"]["lacking_folder"]["message"] or "not found" in f["cases"]["lacking_folder"][
         "message"]
     assert f["status_after"] == "engine OK" and "#1a7f37" in f["status_style"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("qgis") and shutil.which("xvfb-run")),
+                    reason="QGIS desktop or xvfb-run missing (apt-get install qgis xvfb)")
+def test_desktop_install_engine_screenshot(wheels: Path, tmp_path: Path) -> None:
+    """The real QGIS desktop under Xvfb (where sys.executable is whatever python3 PATH gives, not QGIS's): Install
+    engine from the wheel folder builds the engine from QGIS's own Python and Check engine turns green; the
+    screenshot of the Settings tab is saved (docs/img/install-engine.png is made by the same script)."""
+    png = tmp_path / "install.png"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    r = subprocess.run([QGIS_PYTHON, str(HERE / "desktop_run.py"), str(png), "--install-from", str(wheels)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    facts = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "delineate" in facts["plugins"] and facts["ok"], facts
+    assert facts["qgis_python"] == "/usr/bin/python3.11", facts  # Debian's, the one QGIS runs
+    assert facts["status"] == "engine OK" and "#1a7f37" in facts["status_style"]
+    assert facts["saved"] and 20_000 < png.stat().st_size < 150_000
