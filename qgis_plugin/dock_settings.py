@@ -191,6 +191,7 @@ class SettingsTab(QWidget):
 
     def _on_python_changed(self, path: str) -> None:
         settings.set_engine_python(path)
+        self._set_status("not checked", "")
         self._show_command()
         self.dock.catalog.refresh()
 

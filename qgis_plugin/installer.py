@@ -164,7 +164,9 @@ def failure_message(step: Step, lines: list[str], exit_code: int, plan: InstallP
     detail = error_detail(lines)
     low = "\n".join(lines).lower()
     folder = plan.wheel_folder
-    if not folder and any(s in low for s in NETWORK_ERRORS):
+    if "no module named pip" in low:
+        why = "QGIS's Python has no pip (Debian, Ubuntu: apt install python3-pip)"
+    elif not folder and any(s in low for s in NETWORK_ERRORS):
         why = "no network (the package index cannot be reached) and no local wheel folder"
     elif any(s in low for s in MISSING_ERRORS):
         why = (f"the local wheel folder {folder} lacks wheels this install needs" if folder

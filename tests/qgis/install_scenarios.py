@@ -21,6 +21,7 @@ from harness import (  # noqa: E402
     PROFILE,
     ROOT,
     FakeIface,
+    child_processes,
     flush_deletes,
     install_plugin_zip,
     load_plugin,
@@ -47,8 +48,9 @@ installer = sys.modules[f"{package}.installer"]
 settings = sys.modules[f"{package}.settings"]
 
 
-def click_install(folder: str = "") -> tuple:
-    """Install engine with ``folder`` as the wheel folder; (result, new message bar items, seconds)."""
+def click_install(folder: str = "", on_step=None) -> tuple:
+    """Install engine with ``folder`` as the wheel folder (``on_step(title)`` at each later step); (result, new
+    message bar items, seconds)."""
     import time
 
     ended: list = []
@@ -58,6 +60,8 @@ def click_install(folder: str = "") -> tuple:
     tab.install_button.click()
     if tab.installer is not None:
         tab.installer.installFinished.connect(ended.append)
+        if on_step is not None:
+            tab.installer.stepStarted.connect(on_step)
         facts.setdefault("cancel_enabled_while_running", []).append(tab.cancel_install_button.isEnabled())
     assert wait_until(lambda: bool(ended) or (tab.installer is None and len(iface.messages) > n),
                       INSTALL_TIMEOUT), "install did not finish"
@@ -201,13 +205,19 @@ def fail() -> None:
     empty.mkdir()
     unreachable_index()
     cases = [("no_network_no_uv", ""), ("empty_folder", str(empty)), ("lacking_folder", str(only_uv)),
-             ("no_network", ""), ("damaged_wheel", WHEELS)]
+             ("no_network", ""), ("cancelled", WHEELS), ("damaged_wheel", WHEELS)]
+    (bundled,) = glob.glob(os.path.join(PROFILE, "python", "plugins", package, "wheels", "*.whl"))
+    good_wheel = Path(bundled).read_bytes()
     facts["cases"] = {}
     for name, folder in cases:
         if name == "damaged_wheel":  # the wheel inside the installed plugin is damaged
-            (bundled,) = glob.glob(os.path.join(PROFILE, "python", "plugins", package, "wheels", "*.whl"))
             Path(bundled).write_bytes(b"not a zip file")
-        result, messages, seconds = click_install(folder)
+        on_step = None
+        if name == "cancelled":  # Cancel while uv installs the engine
+            def on_step(title: str) -> None:
+                if title == "installing the engine":
+                    tab.cancel_install_button.click()
+        result, messages, seconds = click_install(folder, on_step)
         facts["cases"][name] = {
             "ok": result.ok if result else None, "message": result.message if result else None,
             "bar": messages, "seconds": seconds, "setting": settings.engine_python(), "temps": temps(),
@@ -219,10 +229,17 @@ def fail() -> None:
     tab.check_engine()
     assert wait_until(lambda: not dock.is_busy(), 120)
     facts["status_after"], facts["status_style"] = tab.engine_status.text(), tab.engine_status.styleSheet()
+    # the plugin unloaded while an install runs: its process ends, its temp env goes (checked after unload)
+    Path(bundled).write_bytes(good_wheel)
+    tab.wheel_folder_widget.setFilePath(WHEELS)
+    tab.install_button.click()
+    facts["installing_at_unload"] = wait_until(lambda: "installing the engine" in tab.install_status.text(), 60)
 
 
 {"units": units, "install": install, "fail": fail}[SCENARIO]()
 plugin.unload()
 flush_deletes()
 facts["processes_left"] = len(iface.window.findChildren(QProcess))
+facts["children_left"] = child_processes()
+facts["temps_after_unload"] = temps()
 report(facts)

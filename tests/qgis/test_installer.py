@@ -67,7 +67,8 @@ def _scenario(name: str, zip_path: Path, wheels: Path, workdir: Path, timeout: i
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
     facts = json.loads(r.stdout.strip().splitlines()[-1])
     assert facts["engine_modules_loaded"] == [], "the plugin must never import the engine's stack"
-    assert facts["processes_left"] == 0
+    assert facts["processes_left"] == 0 and facts["children_left"] == []
+    assert facts["temps_after_unload"] == [], "a temporary environment was left after unload"
     return facts
 
 
@@ -160,12 +161,14 @@ def test_failed_installs_keep_the_old_engine(plugin_zip: Path, wheels: Path, tmp
         "lacking_folder": f"Install engine failed: the local wheel folder {tmp_path}/only-uv lacks wheels",
         "no_network": "Install engine failed: no network (the package index cannot be reached) and no local "
                       "wheel folder (uv: ",
+        "cancelled": "Install engine cancelled",
         "damaged_wheel": "Install engine failed: a wheel is damaged",
     }
     for name, start in expected.items():
         case = f["cases"][name]
         assert case["ok"] is False and case["message"].startswith(start), (name, case["message"])
-        assert len(case["bar"]) == 1 and case["bar"][0] == [case["message"], 2], (name, case["bar"])  # Critical
+        level = 1 if name == "cancelled" else 2  # Qgis.Warning, Qgis.Critical
+        assert len(case["bar"]) == 1 and case["bar"][0] == [case["message"], level], (name, case["bar"])
         assert "\n" not in case["message"] and len(case["message"]) < 500
         assert case["setting"] == case["field"] == f["old_python"], name
         assert case["marker"] == "old engine", f"{name}: the old engine folder was touched"
@@ -174,7 +177,9 @@ def test_failed_installs_keep_the_old_engine(plugin_zip: Path, wheels: Path, tmp
     assert not f["cases"]["empty_folder"]["uv_there"] and f["cases"]["lacking_folder"]["uv_there"]
     assert "rasterio" in f["cases"]["lacking_folder"]["message"] or "not found" in f["cases"]["lacking_folder"][
         "message"]
+    assert f["cases"]["cancelled"]["ok"] is False and f["cancel_enabled_while_running"][4]
     assert f["status_after"] == "engine OK" and "#1a7f37" in f["status_style"]
+    assert f["installing_at_unload"], "the unload should happen while an install runs"
 
 
 @pytest.mark.slow
