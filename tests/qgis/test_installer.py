@@ -69,6 +69,7 @@ def _scenario(name: str, zip_path: Path, wheels: Path, workdir: Path, timeout: i
     assert facts["engine_modules_loaded"] == [], "the plugin must never import the engine's stack"
     assert facts["processes_left"] == 0 and facts["children_left"] == []
     assert facts["temps_after_unload"] == [], "a temporary environment was left after unload"
+    assert facts["install_modules_loaded"] == [], "nothing the installer installs may be imported into QGIS"
     return facts
 
 
