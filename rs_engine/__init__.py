@@ -5,11 +5,14 @@ public API, in the spirit of rasterio's:
 
 - :func:`segment` (with :class:`SegmentOptions`): rasters -> a GeoPackage of instance polygons, as
   ``rs-engine segment``;
-- :func:`load_model`: a bundled model name or model file -> ``(torch model in eval mode, ModelCard)``;
+- :func:`load_predictor`: a bundled model name or model file -> ``(predictor, ModelCard)`` in PyTorch or ONNX
+  Runtime (:mod:`rs_engine.runtime`: numpy tiles in, detections out);
+- :func:`load_model`: a bundled model name or ``.safetensors`` file -> ``(torch model in eval mode, ModelCard)``;
 - :class:`RasterSource`: the one pixel reader (bands, normalisation, nodata, resampling, windows);
 - :class:`InputError`: what every bad input raises (one line; the CLI's exit code 2).
 
-Names are imported on first use, so ``import rs_engine`` stays cheap (no PyTorch until a model is needed).
+Names are imported on first use, so ``import rs_engine`` stays cheap (no PyTorch until a model is needed), and
+everything but :func:`load_model` works in the light engine, without PyTorch.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ _API = {
     "segment": "rs_engine.pipeline",
     "SegmentOptions": "rs_engine.pipeline",
     "SegmentResult": "rs_engine.pipeline",
+    "load_predictor": "rs_engine.runtime",
     "load_model": "rs_engine.checkpoint",
-    "ModelCard": "rs_engine.checkpoint",
+    "ModelCard": "rs_engine.card",
     "RasterSource": "rs_engine.raster",
     "InputError": "rs_engine.errors",
 }

@@ -13,7 +13,7 @@ from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform_bounds
 
-from rs_engine.checkpoint import ModelCard
+from rs_engine.card import ModelCard
 from rs_engine.errors import InputError
 from rs_engine.raster import ExtentError, RasterSource
 

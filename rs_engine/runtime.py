@@ -101,7 +101,7 @@ def load_predictor(
         model, card = load_model(path, dev)
         return TorchPredictor(model), card
     card = read_card(path)
-    return OnnxPredictor(path, card, cuda=device.startswith("cuda"), threads=threads), card
+    return OnnxPredictor(path, card, cuda=device != "cpu", threads=threads), card
 
 
 class TorchPredictor:

@@ -80,10 +80,11 @@ class LightVenv:
     size_mb: float
 
     def run(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        """``python -m rs_engine.cli ARGS`` in this environment (no PyTorch, no system site-packages)."""
+        """``rs-engine ARGS`` of this environment (no PyTorch, no system site-packages), run from the venv's folder
+        so that the checkout's own ``rs_engine`` is not on the path: the installed wheel is what runs."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-        return subprocess.run([str(self.python), "-m", "rs_engine.cli", *args], capture_output=True, text=True,
-                              env=env, **kw)
+        return subprocess.run([str(self.path / "bin" / "rs-engine"), *args], capture_output=True, text=True,
+                              env=env, cwd=self.path, **kw)
 
 
 def directory_mb(path: Path) -> float:

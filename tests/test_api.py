@@ -43,5 +43,6 @@ def test_import_is_light_and_names_the_api() -> None:
     code = ("import sys, rs_engine; assert 'torch' not in sys.modules, 'torch imported eagerly'; "
             "print(sorted(n for n in rs_engine.__all__ if n != '__version__'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(sorted(["segment", "SegmentOptions", "SegmentResult", "load_model", "ModelCard",
+    assert out.strip() == str(sorted(["segment", "SegmentOptions", "SegmentResult", "load_predictor", "load_model",
+                                      "ModelCard",
                                       "RasterSource", "InputError"]))

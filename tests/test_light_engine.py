@@ -34,12 +34,12 @@ def env(tmp_path_factory):
 
 def test_light_environment_is_small_and_has_no_torch(env):
     assert env.size_mb < 600, f"{env.size_mb:.0f} MB"
-    probe = env.python.parent / "python"
     import subprocess
 
-    r = subprocess.run([str(probe), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
-                       capture_output=True, text=True, check=True)  # fmt: skip
-    assert r.stdout.strip() == "None"
+    probe = "import importlib.util as u, rs_engine; print(u.find_spec('torch'), rs_engine.__file__)"
+    r = subprocess.run([str(env.python), "-c", probe], capture_output=True, text=True, check=True, cwd=env.path)
+    spec, where = r.stdout.split()
+    assert spec == "None" and where.startswith(str(env.path)), r.stdout  # the wheel's code, not the checkout's
     doctor = env.run("doctor", "--json")
     assert doctor.returncode == 0, doctor.stderr
     facts = json.loads(doctor.stdout)

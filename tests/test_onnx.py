@@ -54,7 +54,10 @@ def test_bundled_onnx_carries_the_bundled_card(name):
 
 
 def test_onnx_predictor_matches_torch_on_a_real_tile():
-    """Same detections, scores and masks from ONNX Runtime as from PyTorch, on a tile of a real SAR scene."""
+    """Same detections, scores and masks from ONNX Runtime as from PyTorch, on a tile of a real SAR scene.
+
+    Not bit-equal: the runtimes' convolution kernels and the two scans sum in different orders, and float32
+    rounding through the network moves scores by up to ~1e-3 (measured 8.6e-4 on this tile)."""
     import rasterio
 
     torch_pred, card = load_predictor("ssdd-ship", runtime="torch", threads=1)
@@ -66,9 +69,12 @@ def test_onnx_predictor_matches_torch_on_a_real_tile():
     a, b = torch_pred([tile])[0], onnx_pred([tile])[0]
     keep_a = a["scores"] >= card.score_threshold
     assert keep_a.sum() >= 1 and len(b["scores"]) == keep_a.sum()
-    np.testing.assert_allclose(b["scores"], a["scores"][keep_a], atol=1e-4)
+    np.testing.assert_allclose(b["scores"], a["scores"][keep_a], atol=2e-3)
     np.testing.assert_array_equal(b["labels"], a["labels"][keep_a])
-    np.testing.assert_allclose(b["masks"], a["masks"][keep_a], atol=1e-3)
+    np.testing.assert_allclose(b["boxes"], a["boxes"][keep_a], atol=0.5)  # pixels
+    ma, mb = a["masks"][keep_a] > 0.5, b["masks"] > 0.5
+    iou = (ma & mb).sum((1, 2, 3)) / (ma | mb).sum((1, 2, 3))
+    assert iou.min() >= 0.98, iou
 
 
 def test_onnx_model_refuses_another_tile_size(tmp_path):
