@@ -285,7 +285,6 @@ class EngineInstaller(QObject):
             self._promote()
             return
         step = self._steps[self._index]
-        self.stepStarted.emit(step.title)
         self._line(f"{step.title}: " + " ".join(step.argv))
         self._step_lines.clear()
         proc = QProcess(self)
@@ -304,6 +303,8 @@ class EngineInstaller(QObject):
         proc.errorOccurred.connect(self._on_error)
         self._proc = proc
         proc.start(step.argv[0], step.argv[1:])
+        if self.result is None:  # after start: a cancel from a slot of this signal kills this step
+            self.stepStarted.emit(step.title)
 
     def _read(self) -> None:
         if self._proc is None:

@@ -66,6 +66,7 @@ def _scenario(name: str, zip_path: Path, wheels: Path, workdir: Path, timeout: i
                        cwd=str(workdir))
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
     facts = json.loads(r.stdout.strip().splitlines()[-1])
+    (workdir / "facts.json").write_text(json.dumps(facts, indent=1))  # kept with pytest's tmp_path, to read
     assert facts["engine_modules_loaded"] == [], "the plugin must never import the engine's stack"
     assert facts["processes_left"] == 0 and facts["children_left"] == []
     assert facts["temps_after_unload"] == [], "a temporary environment was left after unload"
@@ -178,7 +179,9 @@ def test_failed_installs_keep_the_old_engine(plugin_zip: Path, wheels: Path, tmp
     assert not f["cases"]["empty_folder"]["uv_there"] and f["cases"]["lacking_folder"]["uv_there"]
     assert "rasterio" in f["cases"]["lacking_folder"]["message"] or "not found" in f["cases"]["lacking_folder"][
         "message"]
-    assert f["cases"]["cancelled"]["ok"] is False and f["cancel_enabled_while_running"][4]
+    cancelled = f["cases"]["cancelled"]
+    assert cancelled["ok"] is False and f["cancel_enabled_while_running"][4]
+    assert cancelled["seconds"] < 5, "Cancel must stop the running step, not wait for it"
     assert f["status_after"] == "engine OK" and "#1a7f37" in f["status_style"]
     assert f["installing_at_unload"], "the unload should happen while an install runs"
 
