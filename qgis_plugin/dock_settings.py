@@ -74,7 +74,7 @@ class SettingsTab(QWidget):
         form = QFormLayout(box)
         self.kind_combo = QComboBox(box)
         self.kind_combo.addItem("light: segment (ONNX Runtime, a few hundred MB)", LIGHT)
-        self.kind_combo.addItem("full: adds PyTorch, for retraining (several GB)", FULL)
+        self.kind_combo.addItem("full: adds PyTorch and training, for Retrain (several GB)", FULL)
         form.addRow("Engine", self.kind_combo)
         self.wheel_folder_widget = QgsFileWidget(box)
         self.wheel_folder_widget.setStorageMode(QgsFileWidget.GetDirectory)

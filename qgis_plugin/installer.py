@@ -6,9 +6,9 @@ Nothing here imports the engine: every step is a command line run in its own QPr
    (only from the local wheel folder when one is given); skipped when that uv is there already.
 2. ``uv venv --relocatable --python <QGIS's Python> <profile>/delineate/engine.tmp-PID``: an isolated environment,
    without system site-packages, so QGIS's packages (and its GDAL) never meet the engine's.
-3. ``uv pip install --python <temp env> "delineate @ file:///<plugin>/wheels/delineate-*.whl"`` (``delineate[torch]``
-   for the full engine): the wheel bundled in the plugin zip, its dependencies from the package index, or from the
-   local wheel folder only (``--offline --no-index --find-links``).
+3. ``uv pip install --python <temp env> "delineate @ file:///<plugin>/wheels/delineate-*.whl"``: the wheel bundled
+   in the plugin zip (``delineate[train]``, with PyTorch and the training stack, for the full engine), its
+   dependencies from the package index, or from the local wheel folder only (``--offline --no-index --find-links``).
 4. ``<temp env's python> -m rs_engine.cli doctor`` must succeed.
 5. Only then the temp env replaces ``<profile>/delineate/engine`` (an older engine is removed) and the
    ``engine_python`` setting points at it.
@@ -35,7 +35,9 @@ from .engine import log
 from .settings import qgis_python, venv_python
 
 UV_VERSION = "0.13.9"
-TORCH_EXTRA = "torch"
+# Why "train", not "torch": Retrain runs rs-train finetune, which needs the training stack (geopandas, pycocotools,
+# matplotlib) besides PyTorch; the train extra includes the torch extra.
+FULL_EXTRA = "train"
 # Why: the engine environment must be built from QGIS's Python, never from a Python uv would download.
 UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
           "PYTHONUNBUFFERED": "1"}
@@ -75,7 +77,7 @@ class Step:
 class InstallPlan:
     """What to install where. ``home``: ``<profile>/delineate``; ``wheel``: the delineate wheel (None: the package
     ``delineate`` from the folder or the index); ``wheel_folder``: install offline from these wheels only;
-    ``full``: add PyTorch (``delineate[torch]``) for retraining."""
+    ``full``: add PyTorch and the training stack (``delineate[train]``) for retraining."""
 
     python: str
     home: Path
@@ -106,8 +108,8 @@ class InstallPlan:
         return (self.uv_dir / f"uv-{UV_VERSION}.dist-info").is_dir() and self.uv_program().is_file()
 
     def requirement(self) -> str:
-        """``delineate`` (or ``delineate[torch]``), from the bundled wheel's file URL when there is one."""
-        name = f"delineate[{TORCH_EXTRA}]" if self.full else "delineate"
+        """``delineate`` (or ``delineate[train]``), from the bundled wheel's file URL when there is one."""
+        name = f"delineate[{FULL_EXTRA}]" if self.full else "delineate"
         return f"{name} @ {self.wheel.resolve().as_uri()}" if self.wheel else name
 
     def steps(self) -> list[Step]:
@@ -122,11 +124,12 @@ class InstallPlan:
         uv, temp_python = str(self.uv_program()), str(venv_python(self.temp_dir, self.windows))
         steps.append(Step("creating the environment", [uv, "venv", "--no-project", "--no-config", "--relocatable",
                                                         "--python", self.python, str(self.temp_dir)], "uv"))
+        # --no-config: a uv.toml of the user's own projects must not change the engine (indexes in UV_* still count)
         install = [uv, "pip", "install", "--no-config", "--python", temp_python, "--link-mode", "copy"]
         if self.wheel_folder:
             install += ["--offline", *local]
-        elif self.full:
-            install += ["--torch-backend", "auto"]  # CPU wheels of PyTorch where there is no CUDA driver
+        # Why no --torch-backend: PyTorch's own index is another host a firewall may block (it is unreachable
+        # here); PyPI's torch brings CUDA libraries, which UV_TORCH_BACKEND=cpu in QGIS's environment avoids.
         steps.append(Step("installing the engine", [*install, self.requirement()], "uv"))
         steps.append(Step("checking the engine", [temp_python, "-m", "rs_engine.cli", "doctor"], "rs-engine doctor"))
         return steps
