@@ -132,10 +132,10 @@ def test_single_band_raster_is_repeated_for_a_multiband_model(write_raster, make
                                                              tmp_path, caplog):
     """Issue 18: a 1-band raster (panchromatic, SAR) and a 3-band model, no --bands: band 1 is repeated, as
     ``--bands 1,1,1`` does, with a one-line warning; before, the run stopped with "needs 3"."""
-    seen: list[torch.Tensor] = []
+    seen: list[np.ndarray] = []
     inner = label_predictor()
 
-    def predictor(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    def predictor(images: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
         seen.extend(images)
         return inner(images)
 
@@ -143,7 +143,7 @@ def test_single_band_raster_is_repeated_for_a_multiband_model(write_raster, make
     with caplog.at_level("WARNING", logger="rs_engine.raster"):
         segment([write_raster(two_objects(), name="pan.tif")], out, predictor=predictor, card=make_card(bands=3))
     assert len(read_gpkg(out)[1]) == 2
-    assert seen and all(img.shape[0] == 3 and torch.equal(img[0], img[1]) and torch.equal(img[0], img[2])
+    assert seen and all(img.shape[0] == 3 and np.array_equal(img[0], img[1]) and np.array_equal(img[0], img[2])
                         for img in seen)
     notes = [r.getMessage() for r in caplog.records if "repeating band 1" in r.getMessage()]
     assert notes == ["pan.tif: has 1 band, model test 0 takes 3: repeating band 1 (as --bands 1,1,1)"]
