@@ -439,7 +439,7 @@ def test_interrupt_keeps_previous_output(write_raster, make_card, label_predicto
     out.write_text("previous run")
     inner = label_predictor()
 
-    def predictor(images: list[torch.Tensor]):
+    def predictor(images: list[np.ndarray]):
         if inner.calls == 2:
             raise KeyboardInterrupt  # Ctrl-C, or SIGTERM turned into one by the CLI
         return inner(images)
