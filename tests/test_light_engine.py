@@ -56,6 +56,12 @@ def test_light_engine_explains_what_needs_torch(env, tmp_path):
     assert not (tmp_path / "o.gpkg").exists()
     e = env.run("export", "ssdd-ship", "-o", str(tmp_path / "m.onnx"))
     assert e.returncode == 2 and "export needs PyTorch" in e.stderr
+    import subprocess
+
+    t = subprocess.run([str(env.path / "bin" / "rs-train"), "evaluate", "--model", "ssdd-ship", "--coco", "x.json",
+                        "--images", "."], capture_output=True, text=True, cwd=env.path)  # fmt: skip
+    assert t.returncode == 2 and len(t.stderr.strip().splitlines()) == 1, t.stderr
+    assert "rs-train needs the full engine (torch, torchvision, pycocotools, geopandas not installed)" in t.stderr
 
 
 @pytest.mark.parametrize(("image", "model", "bands"), CASES)

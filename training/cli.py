@@ -193,6 +193,16 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _require_training_dependencies() -> None:
+    """The light engine (``pip install delineate``) has no PyTorch: say what to install, in one line (exit 2)."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "torchvision", "pycocotools", "geopandas") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"rs-train needs the full engine ({', '.join(missing)} not installed): "
+                         "pip install 'delineate[train]', or Install engine > full in the QGIS plugin")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = "jsonl" if "--progress=jsonl" in argv or any(
@@ -205,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.mode = getattr(args, "progress", mode)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        _require_training_dependencies()
         from training import commands
 
         command = {"train": commands.run_train, "finetune": commands.run_finetune, "evaluate": commands.run_evaluate,
