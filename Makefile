@@ -1,6 +1,6 @@
 # One-command set-up: `make demo` and `make test` each build everything they need, idempotently.
 # The venv is made from Debian's python3 with system site-packages, so PyQGIS (python3-qgis) is visible in it.
-# Dependencies come from requirements.lock (uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster), installed with uv:
+# Dependencies come from requirements.lock (uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench), installed with uv:
 # uv ignores pip's local find-links, where a CPU-only torch build lives that can't run torchvision's ops.
 
 PYTHON_SYS ?= /usr/bin/python3
@@ -54,7 +54,7 @@ bench: venv
 	$(PY) bench/cluster.py $(BENCH_FLAGS) --out bench/results
 
 lock:
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
 clean:

@@ -14,7 +14,9 @@ Usage::
    README "Models" (``--baseline``); a training run's ``.resume.safetensors`` is converted as it stands; without
    either, an untrained ResNet-50-FPN Mask R-CNN with the default model's card is built (its speed is the
    architecture's, but its detections are random: marked in the table). ``--also`` adds other model files (e.g.
-   the previous default) to the same run.
+   the previous default) to the same run; ``--peers`` the networks of ``bench/peers.py`` (Ultralytics
+   YOLO11n-seg) through the same tiling, reading, merging and writing; ``--runtimes`` the default model in PyTorch
+   and ONNX Runtime.
 2. Streaming: the default model on mosaics of each ``--stream-sides`` side (same content, tiled GeoTIFFs written
    window by window): peak RSS and Mpx/s. Bounded memory means the peak does not grow with the raster.
 3. Ceilings in the same run: fp32 matmul GFLOP/s and the raster read rate of the mosaic (MB/s of decoded pixels,
@@ -108,7 +110,13 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
         mpx, side = ds.width * ds.height / 1e6, ds.width
     gpkg = out_dir / f"{Path(model).stem}_{runtime}_{raster.stem}.gpkg"
     load = round(os.getloadavg()[0], 2)
-    r = run_measured(segment_cmd(raster, model, gpkg, tile, overlap, batch, runtime), timeout, env=env)
+    if model.startswith("peer:"):  # a peer network through the same tiling (bench/peers.py)
+        cmd = [sys.executable, str(ROOT / "bench" / "peers.py"), model[5:], str(raster), "-o", str(gpkg),
+               "--tile-size", str(tile), "--overlap", str(overlap)]
+        model = model[5:]
+    else:
+        cmd = segment_cmd(raster, model, gpkg, tile, overlap, batch, runtime)
+    r = run_measured(cmd, timeout, env=env)
     done = last_json(r["stdout"]) or {}
     rec = {"raster": raster.name, "side": side, "mpx": round(mpx, 2), "model": Path(model).stem,
            "runtime": runtime, "loadavg_1min": load, "seconds": round(r["seconds"], 1),
@@ -147,6 +155,8 @@ def main() -> None:
     ap.add_argument("--stream-timeout", type=float, default=3600,
                     help="seconds per streaming run; a longer one is stopped and its peak RSS so far reported")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream, baseline (the ResNet-50)")
+    ap.add_argument("--peers", default="yolo11n-seg",
+                    help="comma list of bench/peers.py networks timed through the same tiling ('' for none)")
     ap.add_argument("--runtimes", default="torch,onnx",
                     help="runtimes the default model is timed in (end to end), each in its own run")
     args = ap.parse_args()
@@ -174,7 +184,9 @@ def main() -> None:
             baseline, role = untrained_baseline(args.data / "resnet50-untrained.safetensors", args.model), \
                 "baseline (untrained weights)"
         runs = [(args.model, rt, "default model") for rt in args.runtimes.split(",")]
-        runs += [(m, "torch", "compared") for m in args.also] + [(str(baseline), "torch", role)]
+        runs += [(m, "torch", "compared") for m in args.also]
+        runs += [(f"peer:{p}", "torch", "peer (untrained weights)") for p in args.peers.split(",") if p]
+        runs += [(str(baseline), "torch", role)]
         if "baseline" in skip:
             runs.pop()
         for model, runtime, what in runs:
