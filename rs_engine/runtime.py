@@ -82,7 +82,7 @@ def load_predictor(
         runtime: ``auto``, ``torch`` or ``onnx`` (:func:`choose_runtime`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (:func:`rs_engine.device.resolve_device`); ONNX Runtime
             uses its CUDA execution provider for a CUDA device when it has one, else the CPU.
-        threads: intra-op CPU threads; None: the runtime's default (all cores).
+        threads: intra-op CPU threads; None: ``OMP_NUM_THREADS`` when set, else all cores (both runtimes).
 
     Raises:
         InputError: as :func:`choose_runtime` and :func:`model_file`; missing, corrupt or mismatched model files.
@@ -101,6 +101,8 @@ def load_predictor(
         model, card = load_model(path, dev)
         return TorchPredictor(model), card
     card = read_card(path)
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])  # as PyTorch does; ONNX Runtime ignores the variable
     return OnnxPredictor(path, card, cuda=device != "cpu", threads=threads), card
 
 
