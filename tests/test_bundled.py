@@ -94,9 +94,9 @@ def _nwpu_hits(out: Path, class_name: str, iou: float) -> tuple[int, int, int]:
 
 @pytest.mark.skipif(not NWPU_TEST.is_file(), reason="../shared/data (NWPU VHR-10 annotations) not present")
 def test_nwpu10_outlines_the_airplanes_and_storage_tanks_of_the_example(tmp_path) -> None:
-    """With the card's threshold: the 12 storage tanks at mask IoU > 0.5 (10 with nwpu10 0.5, 11 with 0.4, on the development
-    machine, at least 9 required) and the 14 airplanes at IoU > 0.3 (14; at least 10). Airplane masks still take
-    in part of each airplane's shadow (README "Models")."""
+    """With the card's threshold: the 12 storage tanks at mask IoU > 0.5 (10 with nwpu10 0.5, 11 with 0.4, on the
+    development machine, at least 9 required) and the 14 airplanes at IoU > 0.3 (14; at least 10). Airplane masks
+    still take in part of each airplane's shadow (README "Models")."""
     out = tmp_path / "nwpu.gpkg"
     segment([EXAMPLES / "nwpu_021.jpg"], out, SegmentOptions(model="nwpu10"))
     tanks = _nwpu_hits(out, "storage tank", 0.5)
