@@ -26,6 +26,7 @@ from rs_engine.models.config import (
 )
 from rs_engine.models.effnet import EffNetBackbone
 from rs_engine.models.heat import HeatBackbone
+from rs_engine.models.paste import use_continuous_paste
 from rs_engine.models.ssm import SSMBackbone
 
 
@@ -48,7 +49,8 @@ def build_model(config: ModelConfig) -> MaskRCNN:
     Input: a list of (C, H, W) float tensors already normalised per band (the model does no normalisation
     or resizing of its own: ``image_mean`` 0, ``image_std`` 1, sizes fixed at ``config.tile_size``).
     Output in eval mode: torchvision's list of dicts with ``boxes`` (K, 4) x1y1x2y2 pixels, ``labels`` (K,)
-    in 1..num_classes, ``scores`` (K,), ``masks`` (K, 1, H, W) probabilities.
+    in 1..num_classes, ``scores`` (K,), ``masks`` (K, 1, H, W) probabilities, pasted at continuous box
+    coordinates (:mod:`rs_engine.models.paste`).
 
     A heat backbone's stem follows its config (``"auto"``: the SAR stem for one band); ``config.extra["stem"]``
     ("optical" or "sar") overrides it.
@@ -65,7 +67,7 @@ def build_model(config: ModelConfig) -> MaskRCNN:
     mask_head = MaskRCNNHeads(c.fpn_channels, [c.mask_head_channels] * c.mask_head_convs, 1)
     box_predictor = FastRCNNPredictor(c.representation_size, c.num_classes + 1)
     mask_predictor = MaskRCNNPredictor(c.mask_head_channels, c.mask_head_channels, c.num_classes + 1)
-    return MaskRCNN(
+    model = MaskRCNN(
         backbone,
         num_classes=None,  # given by the predictors below (class 0 is background)
         min_size=c.tile_size,
@@ -81,6 +83,7 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         mask_head=mask_head,
         mask_predictor=mask_predictor,
     )
+    return use_continuous_paste(model)
 
 
 def build_backbone(config: ModelConfig) -> SSMBackbone | HeatBackbone | EffNetBackbone:
@@ -117,7 +120,7 @@ def _resnet50_maskrcnn(c: ModelConfig) -> MaskRCNN:
     if c.in_channels != 3:
         old = model.backbone.body.conv1
         model.backbone.body.conv1 = nn.Conv2d(c.in_channels, old.out_channels, 7, 2, 3, bias=False)
-    return model
+    return use_continuous_paste(model)
 
 
 def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) -> dict[str, float]:
