@@ -214,8 +214,15 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
         model, card = load_model(args.model, dev)
         bands = list(range(card.bands))
         ds = CocoChips(args.coco, args.images, ChipSpec(card.tile_size, bands, card.mean, card.std), train=False)
-        metrics = evaluate_coco(model, ds, device=dev, max_images=args.max_images)
+        if args.box_prompts:
+            from training.prompted import evaluate_box_prompts
+
+            metrics = evaluate_box_prompts(model, ds, dev, args.max_images, args.box_prompts)
+        else:
+            metrics = evaluate_coco(model, ds, device=dev, max_images=args.max_images)
         data: Any = portable(args.coco)
+    elif args.box_prompts:
+        raise InputError("--box-prompts needs --coco ANN.json --images DIR")
     elif args.raster and args.labels:
         if not args.class_field:
             raise InputError("--labels needs --class-field, the attribute holding each polygon's class")
@@ -230,7 +237,8 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
                          "--class-field F")
     if args.record:
         card = read_card(args.model)
-        card.provenance.setdefault("metrics", {})[args.record] = {**metrics, "data": data, "command": command_line()}
+        split = f"{args.record}-box-prompts" if args.box_prompts else args.record  # never over the AP record
+        card.provenance.setdefault("metrics", {})[split] = {**metrics, "data": data, "command": command_line()}
         update_card(args.model, card)
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=1))
