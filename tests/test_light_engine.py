@@ -66,7 +66,9 @@ def test_light_engine_explains_what_needs_torch(env, tmp_path):
 
 @pytest.mark.parametrize(("image", "model", "bands"), CASES)
 def test_light_engine_finds_what_the_torch_path_finds(env, tmp_path, image, model, bands):
-    """Same instance count, and each PyTorch instance matched by an ONNX one of the same class at mask IoU >= 0.99."""
+    """Same instance count, and each PyTorch instance matched by an ONNX one of the same class at mask IoU >= 0.99,
+    or, for a small ship where one pixel is more than 1% of it, outlines that differ by at most 2 pixels (the
+    example's frame is pixels: a mask probability within 1e-3 of the threshold can fall either way)."""
     light = tmp_path / "light.gpkg"
     args = ["segment", str(EXAMPLES / image), "-o", str(light), "--model", model, "--progress", "none"]
     r = env.run(*args, *(["--bands", bands] if bands else []))
@@ -78,6 +80,7 @@ def test_light_engine_finds_what_the_torch_path_finds(env, tmp_path, image, mode
     assert len(a) == len(b) > 0
     for geom, cls in zip(a.geometry, a.class_id, strict=True):
         same = b[b.class_id == cls]
-        iou = max(geom.intersection(g).area / geom.union(g).area for g in same.geometry)
-        assert iou >= 0.99, (cls, iou)
+        best = max(same.geometry, key=lambda g: geom.intersection(g).area / geom.union(g).area)
+        iou = geom.intersection(best).area / geom.union(best).area
+        assert iou >= 0.99 or geom.symmetric_difference(best).area <= 2, (cls, iou, geom.area)
     assert set(b.model) == set(a.model)
