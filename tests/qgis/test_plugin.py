@@ -327,5 +327,7 @@ def test_desktop_qgis_dock_screenshot(tmp_path: Path) -> None:
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
     facts = json.loads(r.stdout.strip().splitlines()[-1])
     assert "delineate" in facts["plugins"] and facts["ok"], facts
-    assert facts["layers"] and facts["layers"][0][1] > 0 and facts["layers"][0][2] == "EPSG:32616"
+    # The SpaceNet suburb holds no ships: ssdd-ship 0.4 marks none there (0.3 marked false ones), so the layer may
+    # be empty; feature counts are checked on the SAR example by the offscreen tests above.
+    assert facts["layers"] and facts["layers"][0][1] >= 0 and facts["layers"][0][2] == "EPSG:32616"
     assert facts["saved"] and png.stat().st_size > 50_000
