@@ -57,7 +57,7 @@ def test_onnx_predictor_matches_torch_on_a_real_tile():
     """Same detections, scores and masks from ONNX Runtime as from PyTorch, on a tile of a real SAR scene.
 
     Not bit-equal: the runtimes' convolution kernels and the two scans sum in different orders, and float32
-    rounding through the network moves scores by up to ~1e-3 (measured 8.6e-4 on this tile)."""
+    rounding through the network moves scores by a few 1e-3 (measured 8.6e-4 with ssdd-ship 0.3, 3.1e-3 with 0.4)."""
     import rasterio
 
     torch_pred, card = load_predictor("ssdd-ship", runtime="torch", threads=1)
@@ -69,7 +69,7 @@ def test_onnx_predictor_matches_torch_on_a_real_tile():
     a, b = torch_pred([tile])[0], onnx_pred([tile])[0]
     keep_a = a["scores"] >= card.score_threshold
     assert keep_a.sum() >= 1 and len(b["scores"]) == keep_a.sum()
-    np.testing.assert_allclose(b["scores"], a["scores"][keep_a], atol=2e-3)
+    np.testing.assert_allclose(b["scores"], a["scores"][keep_a], atol=5e-3)
     np.testing.assert_array_equal(b["labels"], a["labels"][keep_a])
     np.testing.assert_allclose(b["boxes"], a["boxes"][keep_a], atol=0.5)  # pixels
     ma, mb = a["masks"][keep_a] > 0.5, b["masks"] > 0.5
