@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rs_engine.models.paste import paste_masks
+from training.augment import make_target
 from training.coco import CocoChips
 
 
@@ -25,7 +26,8 @@ def box_prompt_masks(model: torch.nn.Module, image: torch.Tensor, boxes: torch.T
     """Masks of a torchvision Mask R-CNN for given boxes on one image.
 
     Args:
-        image: (C, H, W) normalised image, H and W multiples of 32 or not (the transform pads).
+        image: (C, H, W) normalised image of any size (zero-padded to a multiple of 32, as the model's transform
+            batches images, but never resized).
         boxes: (K, 4) x1 y1 x2 y2 pixels, the prompts.
         labels: (K,) classes 1..num_classes whose mask channel to take; None: the box head's top class per box.
 
@@ -65,17 +67,14 @@ def evaluate_box_prompts(model: torch.nn.Module, dataset: CocoChips, device: str
     for image_id in dataset.ids[:max_images] if max_images else dataset.ids:
         raw = dataset.load_image(image_id)
         truth, labels = dataset.instances(image_id, *raw.shape[-2:])
-        seen = truth.reshape(len(truth), -1).any(1)  # a polygon outside the image has no box
-        truth, labels = truth[seen], labels[seen]
-        if not len(truth):
+        # The boxes as training makes its targets; a polygon outside the image (no pixel) has none and is dropped.
+        target = make_target(truth, labels, min_pixels=1)
+        if not len(target["boxes"]):
             continue
-        boxes = []
-        for m in truth:
-            ys, xs = np.nonzero(m)
-            boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))  # as training's targets
+        truth, labels = target["masks"].numpy(), target["labels"].numpy()
         img = ((torch.from_numpy(raw) - mean) / std).to(device)
-        given = torch.as_tensor(labels, dtype=torch.int64, device=device) if class_source == "truth" else None
-        masks = box_prompt_masks(model, img, torch.tensor(boxes, dtype=torch.float32, device=device), given)
+        given = target["labels"].to(device) if class_source == "truth" else None
+        masks = box_prompt_masks(model, img, target["boxes"].to(device), given)
         pred = (masks > 0.5).cpu().numpy()
         t = truth.astype(bool)
         inter = (pred & t).reshape(len(t), -1).sum(1)
