@@ -36,6 +36,17 @@ for target in "$@"; do
       "$PY" -m training.cli evaluate --model "$WORK/ssdd-ship-hybrid.safetensors" \
         --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
         --json "$WORK/ssdd-ship-hybrid.test.json" ;;
-    *) echo "$target: use nwpu or ssdd" >&2; exit 2 ;;
+    # ssdd-ship 0.5: the bundled 0.4 trained further (its resume file was lost with a machine): initialised from its
+    # fp16 weights, a second cosine schedule at half the peak learning rate over SSDD_MORE_MINUTES (default 115).
+    ssdd-more) D=$SHARED/ssdd
+      "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
+        --model-config ssm_hybrid_tiny --init "${SSDD_INIT:-rs_engine/weights/ssdd-ship.safetensors}" --bands 1 \
+        --chip-size 256 --scale-range 0.6,1.6 --epochs 12 --max-minutes "${SSDD_MORE_MINUTES:-115}" --batch-size 4 \
+        --lr 2.5e-4 --warmup-steps 30 --seed 1 --checkpoint-minutes 5 --workers 0 --name ssdd-ship --progress jsonl \
+        --out "$WORK/ssdd-ship-more.safetensors"
+      "$PY" -m training.cli evaluate --model "$WORK/ssdd-ship-more.safetensors" \
+        --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
+        --json "$WORK/ssdd-ship-more.test.json" ;;
+    *) echo "$target: use nwpu, ssdd or ssdd-more" >&2; exit 2 ;;
   esac
 done

@@ -281,6 +281,7 @@ def _doctor(args: argparse.Namespace) -> int:
         "cuda_available": False,
         "cuda_device": None,
         "mamba_ssm": None,
+        "cpu_scan": None,
         "device_auto": "cpu",
         "bundled_models": sorted(bundled_models()),
         "bundled_onnx": sorted(bundled_models(".onnx")),
@@ -294,12 +295,12 @@ def _doctor(args: argparse.Namespace) -> int:
         import torch
         import torchvision
 
-        from rs_engine.ops import mamba_ssm_status
+        from rs_engine.ops import fused_cpu_status, mamba_ssm_status
 
         cuda = torch.cuda.is_available()
         facts.update(torch=torch.__version__, torchvision=torchvision.__version__, cuda_available=cuda,
                      cuda_device=torch.cuda.get_device_name(0) if cuda else None, mamba_ssm=mamba_ssm_status(),
-                     device_auto="cuda" if cuda else "cpu")  # fmt: skip
+                     cpu_scan=fused_cpu_status(), device_auto="cuda" if cuda else "cpu")  # fmt: skip
         facts["runtimes"].insert(0, "torch")
     if args.json:
         print(json.dumps(facts, indent=1))

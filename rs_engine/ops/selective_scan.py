@@ -1,4 +1,5 @@
-"""Selective scan with Mamba-1 semantics: mamba-ssm's CUDA kernel where it can run, a chunked PyTorch scan elsewhere.
+"""Selective scan with Mamba-1 semantics: mamba-ssm's CUDA kernel on CUDA, a fused C kernel on CPUs, a chunked PyTorch
+scan where neither can run.
 
 The scan (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", eq. 2a-2b and
 Algorithm 2), per batch ``b``, channel ``d`` and state ``n``::
@@ -7,12 +8,16 @@ Algorithm 2), per batch ``b``, channel ``d`` and state ``n``::
     y_t = sum_n C_t[n] * h_t[n] + D * u_t
     out = y * silu(z)                                              (when z is given)
 
-Four implementations share that contract (the one of mamba-ssm's
+Five implementations share that contract (the one of mamba-ssm's
 ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``, real ``A`` only):
 
 * :func:`selective_scan_fn` -- the dispatcher: mamba-ssm's fused kernel when the tensors are on CUDA and
-  ``mamba_ssm`` imports, otherwise :func:`selective_scan_chunked`.
-* :func:`selective_scan_chunked` -- pure PyTorch, fast on a CPU, differentiable (hand-written backward).
+  ``mamba_ssm`` imports; :func:`selective_scan_fused` for float32/half CPU tensors when its C kernel builds;
+  otherwise :func:`selective_scan_chunked`.
+* :func:`rs_engine.ops.scan_fused.selective_scan_fused` -- one pass per row, state in registers, forward and
+  backward in C (compiled on first use with the machine's C compiler), differentiable.
+* :func:`selective_scan_chunked` -- pure PyTorch, any device and dtype (float64 too), differentiable
+  (hand-written backward).
 * :func:`rs_engine.ops.scan_export.selective_scan_export` -- standard operators only, what an ONNX export
   traces (inference; ``rs-engine export``).
 * :func:`selective_scan_ref` -- the slow reference: decays and inputs precomputed for every token, then a
@@ -21,7 +26,8 @@ Four implementations share that contract (the one of mamba-ssm's
 
 One file per part, as mamba-ssm's ``selective_scan_interface.py`` and its kernels: the contract's checks
 (:mod:`rs_engine.ops.scan_contract`), the reference (:mod:`rs_engine.ops.scan_reference`) and the chunked
-backend (:mod:`rs_engine.ops.scan_chunked`, its steps in ``chunked_forward`` / ``chunked_backward``).
+backends (:mod:`rs_engine.ops.scan_fused` with ``scan_fused_cpu.c``; :mod:`rs_engine.ops.scan_chunked`, its steps in
+``chunked_forward`` / ``chunked_backward``).
 """
 
 from __future__ import annotations
@@ -35,15 +41,23 @@ import torch
 from rs_engine.ops.scan_chunked import DEFAULT_CHUNK_SIZE, selective_scan_chunked
 from rs_engine.ops.scan_contract import check_args
 from rs_engine.ops.scan_export import selective_scan_export
+from rs_engine.ops.scan_fused import (
+    fused_cpu_available,
+    fused_cpu_status,
+    fused_cpu_supports,
+    selective_scan_fused,
+)
 from rs_engine.ops.scan_reference import selective_scan_ref
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "fused_cpu_status",
     "has_mamba_ssm_cuda",
     "mamba_ssm_status",
     "scan_backend",
     "selective_scan_chunked",
     "selective_scan_fn",
+    "selective_scan_fused",
     "selective_scan_ref",
 ]
 
@@ -77,20 +91,26 @@ def has_mamba_ssm_cuda() -> bool:
 def mamba_ssm_status() -> str:
     """One line for ``rs-engine doctor``: which selective-scan backend CUDA tensors get, and why."""
     if not torch.cuda.is_available():
-        return "selective scan: chunked PyTorch (CUDA not available)"
+        return "mamba-ssm CUDA kernel: not used (CUDA not available)"
     fn, status = _load_mamba_ssm()
     if fn is None:
         return f"selective scan: chunked PyTorch on CUDA tensors ({status})"
     return "selective scan: mamba-ssm CUDA kernel for CUDA tensors"
 
 
-def scan_backend(u: torch.Tensor) -> str:
-    """Name the implementation :func:`selective_scan_fn` uses for input ``u``: ``"mamba_ssm"`` or ``"chunked"``.
+def scan_backend(u: torch.Tensor, A: torch.Tensor | None = None) -> str:
+    """Name the implementation :func:`selective_scan_fn` uses for input ``u`` (and state matrix ``A``):
+    ``"mamba_ssm"``, ``"fused_cpu"`` or ``"chunked"``.
 
-    mamba-ssm's kernel handles float32/float16/bfloat16 on CUDA; everything else takes the PyTorch path.
+    mamba-ssm's kernel handles float32/float16/bfloat16 on CUDA; the fused C kernel the same dtypes on the CPU
+    (dstate <= 64) once it has been built; everything else (float64, other devices) takes the PyTorch path.
     """
-    if u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16) and has_mamba_ssm_cuda():
-        return "mamba_ssm"
+    if u.is_cuda:
+        if u.dtype in (torch.float32, torch.float16, torch.bfloat16) and has_mamba_ssm_cuda():
+            return "mamba_ssm"
+        return "chunked"
+    if fused_cpu_supports(u, A) and fused_cpu_available():
+        return "fused_cpu"
     return "chunked"
 
 
@@ -124,8 +144,8 @@ def selective_scan_fn(
         ``out`` (batch, dim, L) in ``u``'s dtype, or ``(out, last_state)`` with last_state (batch, dim, dstate)
         in the compute dtype (float32, or float64 for float64 inputs).
 
-    Uses mamba-ssm's fused CUDA kernel when the tensors are on CUDA and ``mamba_ssm`` imports (see
-    :func:`scan_backend`), else :func:`selective_scan_chunked`.
+    Uses mamba-ssm's fused CUDA kernel when the tensors are on CUDA and ``mamba_ssm`` imports, the fused C kernel
+    for float32/half CPU tensors (see :func:`scan_backend`), else :func:`selective_scan_chunked`.
 
     Raises:
         ValueError: shapes, dtypes or devices outside the contract, or complex ``A``.
@@ -135,10 +155,13 @@ def selective_scan_fn(
         if return_last_state:
             raise ValueError("selective scan: return_last_state is not exportable")
         return selective_scan_export(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    if scan_backend(u) == "mamba_ssm":
+    backend = scan_backend(u, A)
+    if backend == "mamba_ssm":
         fn = _load_mamba_ssm()[0]
         assert fn is not None
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)  # type: ignore[return-value]
+    if backend == "fused_cpu":
+        return selective_scan_fused(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return selective_scan_chunked(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size=DEFAULT_CHUNK_SIZE
     )

@@ -267,8 +267,9 @@ def test_invalid_arguments_raise_value_error():
         selective_scan_fn(u, delta, A, B, C.long())
 
 
-def test_dispatcher_uses_pytorch_path_on_cpu(monkeypatch):
-    """CPU tensors never reach mamba-ssm, even when it imports; CUDA tensors would."""
+def test_dispatcher_never_sends_cpu_tensors_to_mamba_ssm(monkeypatch):
+    """CPU tensors never reach mamba-ssm, even when it imports (they get the fused C kernel, or the chunked scan
+    where it cannot be built or for float64); CUDA tensors would."""
 
     def fake_kernel(*args, **kwargs):
         raise AssertionError("mamba-ssm kernel called for CPU tensors")
@@ -277,9 +278,13 @@ def test_dispatcher_uses_pytorch_path_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     x = make_inputs(1, 8, 4, 33, dtype=torch.float32)
     args, kw = split(x, full=True)
-    assert scan_backend(args[0]) == "chunked"
+    cpu = "fused_cpu" if ss.fused_cpu_available() else "chunked"
+    assert scan_backend(args[0], args[2]) == cpu
     y = selective_scan_fn(*args, **kw)
-    assert torch.equal(y, selective_scan_chunked(*args, **kw))
+    expected = ss.selective_scan_fused(*args, **kw) if cpu == "fused_cpu" else selective_scan_chunked(*args, **kw)
+    assert torch.equal(y, expected)
+    x64 = make_inputs(1, 8, 4, 33)
+    assert scan_backend(x64["u"], x64["A"]) == "chunked"  # float64: the PyTorch path
     fake_cuda = types.SimpleNamespace(is_cuda=True, dtype=torch.float32)
     assert scan_backend(fake_cuda) == "mamba_ssm"
     monkeypatch.setattr(ss, "_load_mamba_ssm", lambda: (None, "not importable"))
@@ -290,7 +295,7 @@ def test_dispatcher_uses_pytorch_path_on_cpu(monkeypatch):
 def test_mamba_ssm_probe_is_safe(monkeypatch):
     if not torch.cuda.is_available():
         assert has_mamba_ssm_cuda() is False
-        assert mamba_ssm_status() == "selective scan: chunked PyTorch (CUDA not available)"
+        assert mamba_ssm_status() == "mamba-ssm CUDA kernel: not used (CUDA not available)"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(ss, "_load_mamba_ssm", lambda: (None, "mamba_ssm not importable (ImportError: x)"))
     assert has_mamba_ssm_cuda() is False

@@ -1,0 +1,157 @@
+"""The fused CPU selective scan (C kernel, ``rs_engine/ops/scan_fused_cpu.c``) against the float64 reference.
+
+Forward, last state and every gradient in float32 against :func:`selective_scan_ref` in float64, over the shapes
+that exercise the kernel's edges: dstate 16 (its vector path) and others, L shorter and longer than a block (64)
+and not a multiple of it, grouped B/C with channel tiles (16) that do not divide a group, batch > 1, two threads
+(per-thread dB/dC accumulators). Then the build: a cached library, ``DELINEATE_SCAN=chunked`` and a machine with
+no C compiler fall back to the chunked scan with a status line that says why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rs_engine.ops import scan_fused
+from rs_engine.ops import selective_scan as ss
+from rs_engine.ops.scan_fused import fused_cpu_available, fused_cpu_status, selective_scan_fused
+from tests.ops.test_selective_scan import NAMES, make_inputs, rel_err, split
+
+pytestmark = pytest.mark.skipif(not fused_cpu_available(), reason=f"kernel not built: {fused_cpu_status()}")
+
+# (batch, dim, dstate, L, B/C groups)
+SHAPES = [
+    (2, 8, 4, 37, None),  # L shorter than a block, dstate 4
+    (1, 6, 3, 1, None),  # a single token
+    (2, 40, 16, 150, 2),  # dstate 16 (vector path), 20 channels per group: tiles of 16 and 4, 3 blocks
+    (3, 4, 16, 64, None),  # exactly one block
+    (1, 16, 8, 301, 4),  # longer, grouped, odd L
+    (1, 24, 16, 257, 3),  # dstate 16, a last block of one token
+]
+IDS = ["b{}d{}n{}L{}g{}".format(*s) for s in SHAPES]
+
+
+def _grads(fn, x: dict[str, torch.Tensor], full: bool, seed: int = 1) -> dict[str, torch.Tensor]:
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    args, kw = split(leaves, full)
+    if not full:
+        args[1] = leaves["delta"]
+    out, last = fn(*args, **kw, return_last_state=True)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    gh = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
+    loss = (out * gy).sum() + (last * gh).sum()
+    used = [k for k in NAMES if full or k in NAMES[:5]]
+    return dict(zip(used, torch.autograd.grad(loss, [leaves[k] for k in used]), strict=True))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("full", [False, True], ids=["plain", "D-z-bias-softplus"])
+def test_forward_and_gradients_match_float64_reference(shape, full):
+    batch, dim, dstate, length, groups = shape
+    x = make_inputs(batch, dim, dstate, length, groups)
+    if not full:
+        x["delta"] = x["delta"].abs()
+    args, kw = split(x, full)
+    y_ref, h_ref = ss.selective_scan_ref(*args, **kw, return_last_state=True)
+    x32 = {k: v.float() for k, v in x.items()}
+    args32, kw32 = split(x32, full)
+    y, h = selective_scan_fused(*args32, **kw32, return_last_state=True)
+    assert y.dtype == torch.float32 and y.shape == (batch, dim, length) and h.shape == (batch, dim, dstate)
+    assert rel_err(y, y_ref) < 2e-6 and rel_err(h, h_ref) < 2e-6
+    assert torch.equal(selective_scan_fused(*args32, **kw32), y)
+
+    ref, got = _grads(ss.selective_scan_ref, x, full), _grads(selective_scan_fused, x32, full)
+    assert set(got) == set(ref)
+    for k in ref:
+        if ref[k].abs().max() == 0:  # dA with a single token: h_{-1} = 0
+            assert got[k].abs().max() < 1e-12, k
+        else:
+            assert rel_err(got[k], ref[k]) < 2e-5, k
+
+
+def test_two_threads_equal_one(monkeypatch):
+    """Channels split across threads, dB/dC summed from per-thread accumulators: same numbers as one thread."""
+    x = {k: v.float() for k, v in make_inputs(2, 40, 16, 130, 2).items()}
+    results = []
+    for n in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+        results.append(_grads(selective_scan_fused, x, full=True))
+    for k in results[0]:
+        assert rel_err(results[1][k], results[0][k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("delta_scale,a_scale", [(1e3, 1.0), (5.0, 50.0), (1e3, 1e3), (1e-6, 1e-3)])
+def test_extreme_decays_stay_finite(delta_scale, a_scale):
+    """Decays far below float32's range reset the state (the kernel's exp stops at 2^-126), as in the reference."""
+    x = make_inputs(2, 8, 16, 45)
+    args, _ = split(x, full=False)
+    args[1] = args[1] * delta_scale
+    args[2] = args[2] * a_scale
+    y_ref, h_ref = ss.selective_scan_ref(*args, return_last_state=True)
+    args32 = [t.float().requires_grad_() for t in args]
+    y, h = selective_scan_fused(*args32, return_last_state=True)
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    assert rel_err(y, y_ref) < 2e-5 and rel_err(h, h_ref) < 2e-5
+    (y.sum() + h.sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in args32)
+
+
+def test_softplus_edges_and_half_inputs():
+    """delta + bias above softplus' threshold (20) passes as is; very negative gives a tiny step; half in/out."""
+    x = make_inputs(1, 8, 16, 90)
+    args, kw = split(x, full=True)
+    args[1] = torch.cat([args[1][:, :, :30] + 30.0, args[1][:, :, 30:60] - 25.0, args[1][:, :, 60:]], dim=2)
+    y_ref = ss.selective_scan_ref(*args, **kw)
+    args32 = [t.float() for t in args]
+    kw32 = {k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()}
+    assert rel_err(selective_scan_fused(*args32, **kw32), y_ref) < 2e-6
+    for dtype in (torch.float16, torch.bfloat16):
+        y = selective_scan_fused(*[t.to(dtype) if i in (0, 1) else t for i, t in enumerate(args32)], **kw32)
+        assert y.dtype == dtype and rel_err(y, y_ref) < 2e-2
+
+
+def test_empty_sequence_and_unsupported_inputs():
+    x = {k: v.float() for k, v in make_inputs(2, 4, 3, 0).items()}
+    args, kw = split(x, full=True)
+    y, h = selective_scan_fused(*args, **kw, return_last_state=True)
+    assert y.shape == (2, 4, 0) and h.shape == (2, 4, 3) and not h.any()
+    x64 = make_inputs(1, 4, 3, 5)
+    with pytest.raises(ValueError, match="fused CPU kernel"):
+        selective_scan_fused(*split(x64, full=False)[0])
+    x_big = {k: v.float() for k, v in make_inputs(1, 4, 65, 5).items()}
+    with pytest.raises(ValueError, match="dstate <= 64"):
+        selective_scan_fused(*split(x_big, full=False)[0])
+
+
+def test_build_is_cached_and_falls_back_with_a_reason(monkeypatch, tmp_path):
+    """A fresh cache compiles once; DELINEATE_SCAN=chunked and a machine without a C compiler use the chunked
+    scan, and the doctor line says why."""
+    x = {k: v.float() for k, v in make_inputs(1, 8, 4, 20).items()}
+    args, kw = split(x, full=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        scan_fused._library.cache_clear()
+        assert fused_cpu_available()
+        built = list((tmp_path / "delineate").glob("scan_fused_cpu-*.so"))
+        assert len(built) == 1 and built[0].name in fused_cpu_status()
+        assert ss.scan_backend(args[0], args[2]) == "fused_cpu"
+
+        scan_fused._library.cache_clear()
+        monkeypatch.setenv("DELINEATE_SCAN", "chunked")
+        assert not fused_cpu_available() and "DELINEATE_SCAN=chunked" in fused_cpu_status()
+        assert ss.scan_backend(args[0], args[2]) == "chunked"
+        assert torch.equal(ss.selective_scan_fn(*args, **kw), ss.selective_scan_chunked(*args, **kw))
+
+        scan_fused._library.cache_clear()
+        monkeypatch.delenv("DELINEATE_SCAN")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+        monkeypatch.setattr(scan_fused.shutil, "which", lambda name: None)
+        monkeypatch.delenv("CC", raising=False)
+        assert not fused_cpu_available() and "no C compiler" in fused_cpu_status()
+        assert ss.scan_backend(args[0], args[2]) == "chunked"
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            selective_scan_fused(*args, **kw)
+    finally:
+        monkeypatch.undo()
+        scan_fused._library.cache_clear()
