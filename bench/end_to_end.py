@@ -115,7 +115,10 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
                "--tile-size", str(tile), "--overlap", str(overlap)]
         model = model[5:]
     else:
-        cmd = segment_cmd(raster, model, gpkg, tile, overlap, batch, runtime)
+        # "torch-chunked": PyTorch with the chunked scan in place of the fused C kernel (DELINEATE_SCAN=chunked)
+        rt = runtime.removesuffix("-chunked")
+        env = {**env, "DELINEATE_SCAN": "chunked"} if rt != runtime else env
+        cmd = segment_cmd(raster, model, gpkg, tile, overlap, batch, rt)
     r = run_measured(cmd, timeout, env=env)
     done = last_json(r["stdout"]) or {}
     rec = {"raster": raster.name, "side": side, "mpx": round(mpx, 2), "model": Path(model).stem,
@@ -158,7 +161,8 @@ def main() -> None:
     ap.add_argument("--peers", default="yolo11n-seg",
                     help="comma list of bench/peers.py networks timed through the same tiling ('' for none)")
     ap.add_argument("--runtimes", default="torch,onnx",
-                    help="runtimes the default model is timed in (end to end), each in its own run")
+                    help="runtimes the default model is timed in (end to end), each in its own run; torch-chunked: "
+                         "PyTorch with the chunked scan instead of the fused C kernel")
     args = ap.parse_args()
     side = 512 if args.quick else args.side
     stream = [256, 512] if args.quick else [int(s) for s in args.stream_sides.split(",")]

@@ -1,14 +1,15 @@
-"""Benchmark: chunked PyTorch selective scan vs the per-token loop reference, on the CPU.
+"""Benchmark: the fused C selective scan and the chunked PyTorch scan vs the per-token loop reference, on the CPU.
 
 Usage::
 
     .venv/bin/python bench/scan.py [--quick] [--dim 512] [--length 16384] [--out bench/results] [--profile]
 
 At a realistic Mamba-layer size (batch 1, dim 512, dstate 16, L 16384, with D, z, delta_bias and softplus as
-a Mamba block calls it) it times, in one run, :func:`selective_scan_chunked` at several chunk sizes and
-:func:`selective_scan_ref` in float32 (mamba-ssm's token-by-token loop), each after a warm-up call, and
-reports median and minimum wall times, the speed-up of the default chunk size over the loop, and each
-one's error against :func:`selective_scan_ref` in float64 (max |y - y64| / max |y64|).
+a Mamba block calls it) it times, in one run, :func:`selective_scan_fused` (the C kernel, when it builds),
+:func:`selective_scan_chunked` at several chunk sizes and :func:`selective_scan_ref` in float32 (mamba-ssm's
+token-by-token loop), each after a warm-up call, and reports median and minimum wall times, the speed-ups over the
+loop and of the fused kernel over the default chunked scan, each one's error against :func:`selective_scan_ref` in
+float64 (max |y - y64| / max |y64|), and forward + backward (training) times of the fused and chunked scans.
 Writes ``scan.json`` and ``scan.md`` (and with ``--profile`` ``scan_profile.txt``, a torch.profiler table
 of one chunked call) into the ``--out`` folder. ``--quick`` uses L = 512 and fewer repeats (smoke test).
 
@@ -32,9 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rs_engine.ops.scan_fused import fused_cpu_available, fused_cpu_status  # noqa: E402
 from rs_engine.ops.selective_scan import (  # noqa: E402
     DEFAULT_CHUNK_SIZE,
     selective_scan_chunked,
+    selective_scan_fused,
     selective_scan_ref,
 )
 
@@ -81,6 +84,20 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
 
+def _forward_backward(x32: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    """Min wall time (s) of forward + backward of sum(out) through the fused and the default chunked scan."""
+    out: dict[str, float] = {}
+    for name, fn in (("fused", selective_scan_fused), ("chunked", selective_scan_chunked)):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in x32.items()}
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            t0 = time.perf_counter()
+            call(fn, leaves).sum().backward()
+            times.append(time.perf_counter() - t0)
+        out[name] = min(times[1:])
+    return out
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -122,36 +139,46 @@ def main(argv: list[str] | None = None) -> int:
         cpu_name(),
     )
 
-    # Chunked variants first, their repeats interleaved round-robin so machine noise hits all alike; then the
-    # loop; the float64 reference last (it allocates gigabytes, and the page reclaim that follows slows
-    # whatever runs next).
+    # The fused kernel and the chunked variants first, their repeats interleaved round-robin so machine noise hits
+    # all alike; then the loop; the float64 reference last (it allocates gigabytes, and the page reclaim that
+    # follows slows whatever runs next).
     rows: list[dict] = []
     outputs: list[torch.Tensor] = []
+    variants: dict[tuple[str, int | None], Callable[[], torch.Tensor]] = {}
+    if fused_cpu_available():
+        variants["fused", None] = lambda: call(selective_scan_fused, x32)
+    else:
+        logger.info("%s", fused_cpu_status())
+    for c in chunks:
+        variants["chunked", c] = lambda c=c: call(selective_scan_chunked, x32, chunk_size=c)
     with torch.inference_mode():
-        fns = {c: (lambda c=c: call(selective_scan_chunked, x32, chunk_size=c)) for c in chunks}
-        times_by_chunk: dict[int, list[float]] = {c: [] for c in chunks}
-        for c in chunks:  # warm-up
-            fns[c]()
+        times_by: dict[tuple[str, int | None], list[float]] = {k: [] for k in variants}
+        for fn in variants.values():  # warm-up
+            fn()
         for _ in range(repeats):
-            for c in chunks:
+            for k, fn in variants.items():
                 t0 = time.perf_counter()
-                fns[c]()
-                times_by_chunk[c].append(time.perf_counter() - t0)
-        for c in chunks:
-            times = times_by_chunk[c]
+                fn()
+                times_by[k].append(time.perf_counter() - t0)
+        for (name, c), times in times_by.items():
             rows.append(
                 {
-                    "implementation": "chunked",
+                    "implementation": name,
                     "chunk_size": c,
                     "times_s": times,
                     "median_s": statistics.median(times),
                     "min_s": min(times),
                 }
             )
-            outputs.append(fns[c]())
+            outputs.append(variants[name, c]())
             logger.info(
-                "chunked T=%-3d median %8.1f ms  min %8.1f ms", c, rows[-1]["median_s"] * 1e3, rows[-1]["min_s"] * 1e3
+                "%-7s T=%-4s median %8.1f ms  min %8.1f ms",
+                name,
+                c,
+                rows[-1]["median_s"] * 1e3,
+                rows[-1]["min_s"] * 1e3,
             )
+    training = _forward_backward(x32, max(1, repeats // 2)) if fused_cpu_available() else {}
     times, y = timed(lambda: call(selective_scan_ref, x32), ref_repeats)
     loop = {
         "implementation": "per-token loop (selective_scan_ref, float32)",
@@ -173,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             "error vs float64: %-45s T=%-4s %.2e", r["implementation"], r["chunk_size"], r["rel_err_vs_float64"]
         )
     default = next(r for r in rows if r["chunk_size"] == DEFAULT_CHUNK_SIZE)
-    best = min(rows, key=lambda r: r["median_s"])
+    fused = next((r for r in rows if r["implementation"] == "fused"), None)
+    best = min((r for r in rows if r["implementation"] == "chunked"), key=lambda r: r["median_s"])
     for r in rows:
         r["speedup_vs_loop_median"] = loop["median_s"] / r["median_s"]
         r["speedup_vs_loop_min"] = loop["min_s"] / r["min_s"]
@@ -184,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         default["speedup_vs_loop_median"],
         default["speedup_vs_loop_min"],
     )
+    if fused:
+        fused["speedup_vs_chunked_median"] = default["median_s"] / fused["median_s"]
+        logger.info(
+            "fused kernel: %.1fx the loop (median), %.2fx the default chunked scan (median)",
+            fused["speedup_vs_loop_median"],
+            fused["speedup_vs_chunked_median"],
+        )
 
     result = {
         "size": {"batch": a.batch, "dim": a.dim, "dstate": a.dstate, "length": length},
@@ -191,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         "default_chunk_size": DEFAULT_CHUNK_SIZE,
         "speedup_default_vs_loop_median": default["speedup_vs_loop_median"],
         "speedup_default_vs_loop_min": default["speedup_vs_loop_min"],
+        "speedup_fused_vs_loop_median": fused["speedup_vs_loop_median"] if fused else None,
+        "speedup_fused_vs_chunked_median": fused["speedup_vs_chunked_median"] if fused else None,
+        "forward_backward_s": training,
+        "fused_status": fused_cpu_status(),
         "fastest_chunk_size": best["chunk_size"],
         "rows": [*rows, loop],
         "environment": {
@@ -220,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['implementation']} | {r['chunk_size'] or '-'} | {r['median_s'] * 1e3:.1f} | {r['min_s'] * 1e3:.1f} "
             f"| {r['speedup_vs_loop_median']:.1f}x / {r['speedup_vs_loop_min']:.1f}x | {r['rel_err_vs_float64']:.1e} |"
         )
+    if training:
+        lines += [
+            "",
+            f"Forward + backward (training), min of {max(1, repeats // 2)}: fused {training['fused'] * 1e3:.1f} ms, "
+            f"chunked (T={DEFAULT_CHUNK_SIZE}) {training['chunked'] * 1e3:.1f} ms, "
+            f"{training['chunked'] / training['fused']:.2f}x. {fused_cpu_status()}.",
+        ]
     (a.out / "scan.md").write_text("\n".join(lines) + "\n")
 
     if a.profile:

@@ -94,11 +94,13 @@ def load_predictor(
 
         from rs_engine.checkpoint import load_model
         from rs_engine.device import resolve_device
+        from rs_engine.models.fuse import fold_batchnorm
 
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
         model, card = load_model(path, dev)
+        fold_batchnorm(model)  # inference only: BatchNorm folded into the convolutions, as ONNX Runtime does
         return TorchPredictor(model), card
     card = read_card(path)
     if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
