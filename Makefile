@@ -2,6 +2,8 @@
 # The venv is made from Debian's python3 with system site-packages, so PyQGIS (python3-qgis) is visible in it.
 # Dependencies come from requirements.lock (uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench), installed with uv:
 # uv ignores pip's local find-links, where a CPU-only torch build lives that can't run torchvision's ops.
+# --compile-bytecode: .pyc files written once at install; without them (and with PYTHONDONTWRITEBYTECODE set, as on
+# the development machine) every engine process the tests and benchmarks start recompiles torch and torchvision, seconds each.
 
 PYTHON_SYS ?= /usr/bin/python3
 VENV := .venv
@@ -18,7 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	test -x $(PY) || $(PYTHON_SYS) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -r requirements.lock
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -r requirements.lock
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e .
 	touch $(STAMP)
 

@@ -125,7 +125,11 @@ class InstallPlan:
         steps.append(Step("creating the environment", [uv, "venv", "--no-project", "--no-config", "--relocatable",
                                                         "--python", self.python, str(self.temp_dir)], "uv"))
         # --no-config: a uv.toml of the user's own projects must not change the engine (indexes in UV_* still count)
-        install = [uv, "pip", "install", "--no-config", "--python", temp_python, "--link-mode", "copy"]
+        # --compile-bytecode: every Segment starts a new engine process; without .pyc files (uv writes none by
+        # default, and PYTHONDONTWRITEBYTECODE stops Python writing them) each one recompiles torch/torchvision
+        # and the rest from source, seconds per run.
+        install = [uv, "pip", "install", "--no-config", "--python", temp_python, "--link-mode", "copy",
+                   "--compile-bytecode"]
         if self.wheel_folder:
             install += ["--offline", *local]
         # Why no --torch-backend: PyTorch's own index is another host a firewall may block (it is unreachable

@@ -107,7 +107,7 @@ def test_installer_units(plugin_zip: Path, wheels: Path, tmp_path: Path) -> None
                     "--python", "/usr/bin/python3", temp]
     wheel_uri = (tmp_path / "units" / "delineate-0.1.0-py3-none-any.whl").as_uri()
     assert install == [str(home / "tools/uv/bin/uv"), "pip", "install", "--no-config", "--python", temp + "/bin/python",
-                       "--link-mode", "copy", "--offline", "--no-index", "--find-links",
+                       "--link-mode", "copy", "--compile-bytecode", "--offline", "--no-index", "--find-links",
                        str(tmp_path / "units" / "wheels"), f"delineate @ {wheel_uri}"]
     assert doctor == [temp + "/bin/python", "-m", "rs_engine.cli", "doctor"]
     full_install = f["steps_online_full"][2][1]
