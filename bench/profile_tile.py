@@ -4,9 +4,11 @@ Usage::
 
     .venv/bin/python bench/profile_tile.py [--model nwpu10] [--threads 1] [--out bench/results] [--runtime onnx]
 
-Reads the first 512 x 512 window of an NWPU VHR-10 mosaic (:func:`bench.common.nwpu_mosaic`), normalises it with
-the model card, keeps detections over the card's score threshold as ``rs-engine segment`` does, runs one
-warm-up forward pass, then profiles three. Writes ``profile_<model>.txt``: time by
+The network is the one ``rs-engine segment --runtime torch`` runs (BatchNorm folded, the selective scan's
+backend as dispatched; ``DELINEATE_SCAN=chunked`` profiles the chunked PyTorch scan). Reads the first 512 x 512
+window of an NWPU VHR-10 mosaic (:func:`bench.common.nwpu_mosaic`), normalises it with the model card, keeps
+detections over the card's score threshold as ``rs-engine segment`` does, runs one warm-up forward pass, then
+profiles three. Writes ``profile_<model>.txt``: time by
 stage (backbone body, FPN, RPN, RoI heads) from ``record_function`` ranges, and the top operators by self CPU time.
 ``--runtime onnx`` profiles the bundled ``.onnx`` form with ONNX Runtime's profiler instead (time by operator type,
 ``profile_<model>_onnx.txt``).
@@ -39,11 +41,11 @@ def main() -> None:
     from rasterio.windows import Window
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from rs_engine.checkpoint import load_model
+    from rs_engine.runtime import load_predictor
 
     torch.set_num_threads(args.threads)
-    model, card = load_model(args.model)
-    model.eval()
+    predictor, card = load_predictor(args.model, runtime="torch", device="cpu")  # the network rs-engine runs
+    model = predictor.model
     model.roi_heads.score_thresh = max(model.roi_heads.score_thresh, card.score_threshold)  # as rs-engine segment
     with rasterio.open(nwpu_mosaic(args.data / "nwpu_mosaic_1024.tif", 1024)) as ds:
         a = ds.read(list(range(1, card.bands + 1)), window=Window(0, 0, 512, 512)).astype(np.float32)
