@@ -28,6 +28,7 @@ from rs_engine.models.effnet import EffNetBackbone
 from rs_engine.models.heat import HeatBackbone
 from rs_engine.models.paste import use_continuous_paste
 from rs_engine.models.ssm import SSMBackbone
+from rs_engine.ops.roi_align import FastMultiScaleRoIAlign
 
 
 class BackboneWithFPN(nn.Module):
@@ -76,10 +77,14 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         image_std=[1.0] * c.in_channels,
         rpn_anchor_generator=anchors,
         rpn_post_nms_top_n_test=c.rpn_post_nms_top_n_test,
+        # torchvision's poolers (levels "0"-"3", 7 and 14 bins, 2 samples per bin), trained through one
+        # embedding_bag instead of torchvision's scalar CPU backward (rs_engine/ops/roi_align.py)
+        box_roi_pool=FastMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
         box_head=box_head,
         box_predictor=box_predictor,
         box_detections_per_img=c.box_detections_per_img,
         box_score_thresh=c.box_score_thresh,
+        mask_roi_pool=FastMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2),
         mask_head=mask_head,
         mask_predictor=mask_predictor,
     )
@@ -116,6 +121,8 @@ def _resnet50_maskrcnn(c: ModelConfig) -> MaskRCNN:
         image_std=[1.0] * c.in_channels,
         box_detections_per_img=c.box_detections_per_img,
         box_score_thresh=c.box_score_thresh,
+        box_roi_pool=FastMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),  # as build_model: a fair baseline
+        mask_roi_pool=FastMultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2),
     )
     if c.in_channels != 3:
         old = model.backbone.body.conv1
