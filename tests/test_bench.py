@@ -20,6 +20,17 @@ def test_scan_bench_quick(tmp_path) -> None:
     assert (tmp_path / "scan.md").read_text().strip()
 
 
+def test_train_step_bench_runs_every_variant(tmp_path) -> None:
+    if not (ROOT.parent / "shared" / "data" / "nwpu_vhr10").is_dir():
+        pytest.skip("../shared/data/nwpu_vhr10 is absent")
+    r = subprocess.run([sys.executable, str(ROOT / "bench/train_step.py"), "--steps", "2", "--chip-size", "128",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "train_step.json").read_text())["rows"]
+    assert set(rows) == {"default", "torchvision-roialign", "chunked-scan", "before"}
+    assert all(len(v["times_s"]) == 2 and v["min_s"] > 0 for v in rows.values())
+
+
 def test_backbone_bench_quick(tmp_path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench/backbones.py"), "--quick", "--names", "ssm_tiny,heat_tiny",
                         "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
