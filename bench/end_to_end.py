@@ -115,10 +115,12 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
                "--tile-size", str(tile), "--overlap", str(overlap)]
         model = model[5:]
     else:
-        # "torch-chunked": PyTorch with the chunked scan in place of the fused C kernel (DELINEATE_SCAN=chunked)
-        rt = runtime.removesuffix("-chunked")
-        env = {**env, "DELINEATE_SCAN": "chunked"} if rt != runtime else env
-        cmd = segment_cmd(raster, model, gpkg, tile, overlap, batch, rt)
+        # "torch-chunked": PyTorch with the chunked scan in place of the fused C kernel (DELINEATE_SCAN=chunked);
+        # "RUNTIME:sN": with --streams N (concurrent batches; default: one per thread)
+        spec, _, streams = runtime.partition(":s")
+        rt = spec.removesuffix("-chunked")
+        env = {**env, "DELINEATE_SCAN": "chunked"} if rt != spec else env
+        cmd = segment_cmd(raster, model, gpkg, tile, overlap, batch, rt) + (["--streams", streams] if streams else [])
     r = run_measured(cmd, timeout, env=env)
     done = last_json(r["stdout"]) or {}
     rec = {"raster": raster.name, "side": side, "mpx": round(mpx, 2), "model": Path(model).stem,
@@ -162,7 +164,7 @@ def main() -> None:
                     help="comma list of bench/peers.py networks timed through the same tiling ('' for none)")
     ap.add_argument("--runtimes", default="torch,onnx",
                     help="runtimes the default model is timed in (end to end), each in its own run; torch-chunked: "
-                         "PyTorch with the chunked scan instead of the fused C kernel")
+                         "PyTorch with the chunked scan instead of the fused C kernel; RUNTIME:sN: with --streams N")
     args = ap.parse_args()
     side = 512 if args.quick else args.side
     stream = [256, 512] if args.quick else [int(s) for s in args.stream_sides.split(",")]

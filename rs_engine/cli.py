@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
                    help="PyTorch or ONNX Runtime (default auto: onnx for .onnx files or without PyTorch)")
-    s.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime (default: all cores)")
+    s.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime, all streams together "
+                   "(default: OMP_NUM_THREADS, else all cores)")
+    s.add_argument("--streams", type=int, metavar="N", help="batches predicted at once on the CPU, each on "
+                   "threads/N runtime threads (default: one per thread, at most 4)")
     s.add_argument("--tile-size", type=int, metavar="PX", help="tile side in pixels (default: model card)")
     s.add_argument("--overlap", type=int, metavar="PX", help="tile overlap in pixels (default: model card)")
     s.add_argument("--score-threshold", type=float, metavar="F", help="minimum score 0-1 (default: model card)")
@@ -179,6 +182,7 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
         device=args.device,
         runtime=args.runtime,
         threads=args.threads,
+        streams=args.streams,
         tile_size=args.tile_size,
         overlap=args.overlap,
         score_threshold=args.score_threshold,

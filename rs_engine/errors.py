@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import NoReturn
 
 
+class Cancelled(Exception):
+    """The run was cancelled (the ``cancel`` event was set); nothing was written. The CLI exits with 130."""
+
+
 class InputError(Exception):
     """A problem with the user's input, described in one line a GIS analyst understands.
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import rasterio
 import shapely
 from affine import Affine
@@ -30,28 +29,23 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 
 from rs_engine.card import ModelCard, read_card
-from rs_engine.errors import InputError, raise_write_error
+from rs_engine.errors import Cancelled, InputError, raise_write_error
 from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
 from rs_engine.inputs import expand_inputs, open_sources, output_crs
-from rs_engine.postprocess import Instance, MergedObject, TileMerger, as_multipolygon, tile_instances, to_map
+from rs_engine.postprocess import MergedObject, TileMerger, as_multipolygon, to_map
+from rs_engine.predict import Predictor, TileBatch, local_batches, predict_tiles, stream_plan
 from rs_engine.raster import RasterSource, check_extent
 from rs_engine.runtime import choose_runtime, load_predictor, model_file
-from rs_engine.tiling import Tile, TilePlan
+from rs_engine.tiling import TilePlan
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FIELDS", "LAYER", "Cancelled", "SegmentOptions", "SegmentResult", "TileBatch", "predict_tiles", "segment"]
+__all__ = [
+    "FIELDS", "LAYER", "Cancelled", "Predictor", "SegmentOptions", "SegmentResult", "TileBatch", "predict_tiles",
+    "segment",
+]
 
 MIN_TILE_SIZE = 8
-
-#: ``predictor(list of (C, H, W) float32 arrays) -> list of dicts`` of arrays (torchvision Mask R-CNN's eval-mode
-#: convention; :mod:`rs_engine.runtime`).
-Predictor = Callable[[list[np.ndarray]], list[dict[str, Any]]]
-
-
-class Cancelled(Exception):
-    """The run was cancelled (the ``cancel`` event was set); nothing was written. The CLI exits with 130."""
-
 
 @dataclass
 class SegmentOptions:
@@ -60,7 +54,9 @@ class SegmentOptions:
     model: str = "nwpu10"  # bundled model name, or path to a .safetensors (PyTorch) or .onnx model file
     device: str = "auto"  # auto | cpu | cuda | cuda:N (rs_engine.device)
     runtime: str = "auto"  # auto | torch | onnx (rs_engine.runtime: auto is onnx without PyTorch or for .onnx)
-    threads: int | None = None  # CPU threads of the runtime; None: all cores
+    threads: int | None = None  # CPU threads of the runtime, all streams together; None: OMP_NUM_THREADS or all cores
+    streams: int | None = None  # batches predicted at once, in threads of this process; None: auto (CPU: one per
+    # thread, at most 4, each with threads // streams runtime threads; CUDA or a caller's predictor: 1)
     tile_size: int | None = None  # pixels (of the model's grid); None -> card.tile_size
     overlap: int | None = None  # pixels; None -> card.overlap
     score_threshold: float | None = None  # 0-1; None -> card.score_threshold
@@ -178,14 +174,18 @@ def segment(
             run = _Run(sources, plans, card, crs, options, options.run_id or uuid.uuid4().hex, progress)
             # Every check is done: only now are the model loaded or the cluster started.
             if scheduler is None:
+                streams = options.streams or 1  # a caller's predictor may not be thread-safe
                 if predictor is None:
-                    loaded, card = load_predictor(options.model, runtime, options.device, options.threads)
+                    streams, threads = stream_plan(options.threads, options.streams, options.device)
+                    loaded, card = load_predictor(options.model, runtime, options.device, threads)
                     run.card = card
                     # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each
                     # detection (200 x T x T floats per tile otherwise).
                     loaded.set_score_threshold(score_threshold)
                     predictor = loaded
-                batches = _local_batches(sources, plans, predictor, score_threshold, options, cancel)
+                    if getattr(loaded, "on_gpu", False):
+                        streams = 1
+                batches = local_batches(sources, plans, predictor, score_threshold, options, cancel, streams)
                 with contextlib.closing(batches):
                     features, skipped = run.write(output, batches)
             else:
@@ -202,70 +202,6 @@ def segment(
     total = sum(len(p) for p in plans)
     log.info("wrote %d objects from %d tiles to %s in %.1f s", features, total, output, seconds)
     return SegmentResult(output, features, total, seconds, skipped, run.run_id, run.crs_wkt)
-
-
-@dataclass
-class TileBatch:
-    """Consecutive tiles of one input's plan, predicted: what the merger takes, in plan order.
-
-    Attributes:
-        source: index of the input in the run.
-        tiles: the tiles, consecutive in the plan (row-major).
-        instances: per tile, its :class:`Instance` s (empty for tiles skipped as all-nodata).
-        skipped: tiles not predicted because they hold no valid pixel.
-    """
-
-    source: int
-    tiles: Sequence[Tile]
-    instances: list[list[Instance]]
-    skipped: int
-
-
-def predict_tiles(
-    source: RasterSource,
-    tiles: Sequence[Tile],
-    predictor: Predictor,
-    score_threshold: float,
-    options: SegmentOptions,
-) -> tuple[list[list[Instance]], int]:
-    """Read, predict and vectorise ``tiles`` of ``source`` in one forward pass (the step the cluster's workers
-    run too); tiles without a valid pixel are not predicted.
-
-    Returns:
-        Per tile its instances in grid pixels, and how many tiles were skipped.
-
-    Raises:
-        InputError: pixels that can't be read (corrupt or truncated file).
-        RuntimeError: the predictor returned a wrong number of results.
-    """
-    reads = [source.read_tile(tile) for tile in tiles]
-    todo = [i for i, (_, valid) in enumerate(reads) if valid.any()]  # skip all-nodata tiles
-    outputs = _predict(predictor, [reads[i][0] for i in todo])
-    by_tile = dict(zip(todo, outputs, strict=True))
-    instances = [
-        tile_instances(by_tile[i], tile, reads[i][1], score_threshold, options.mask_threshold, options.min_pixels)
-        if i in by_tile
-        else []
-        for i, tile in enumerate(tiles)
-    ]
-    return instances, len(tiles) - len(todo)
-
-
-def _local_batches(
-    sources: Sequence[RasterSource],
-    plans: Sequence[TilePlan],
-    predictor: Predictor,
-    score_threshold: float,
-    options: SegmentOptions,
-    cancel: threading.Event | None,
-) -> Iterator[TileBatch]:
-    """Predict in this process, ``options.batch_size`` tiles at a time, checking ``cancel`` before each."""
-    for k, (source, plan) in enumerate(zip(sources, plans, strict=True)):
-        for batch in _batched(plan.tiles, options.batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("cancelled")
-            instances, skipped = predict_tiles(source, batch, predictor, score_threshold, options)
-            yield TileBatch(k, batch, instances, skipped)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -430,15 +366,3 @@ class _Run:
         return rows
 
 
-def _predict(predictor: Predictor, images: list[np.ndarray]) -> list[dict[str, Any]]:
-    if not images:
-        return []
-    outputs = predictor(images)
-    if len(outputs) != len(images):
-        raise RuntimeError(f"predictor returned {len(outputs)} results for {len(images)} tiles")
-    return outputs
-
-
-def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -120,6 +120,11 @@ class TorchPredictor:
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
 
+    @property
+    def on_gpu(self) -> bool:
+        """True on a CUDA device (the pipeline then predicts one batch at a time)."""
+        return self.device.type == "cuda"
+
     def set_score_threshold(self, threshold: float) -> None:
         """Drop low scores inside the box head, before a full-tile mask is pasted for each detection."""
         heads = self.model.roi_heads
@@ -176,6 +181,11 @@ class OnnxPredictor:
         self.input_shape = tuple(int(s) for s in shape)
         self.tile_size = self.input_shape[-1]
         self.path = path
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when ONNX Runtime runs the graph on its CUDA execution provider."""
+        return self.session.get_providers()[0] == "CUDAExecutionProvider"
 
     def set_score_threshold(self, threshold: float) -> None:
         """Nothing to do: the graph's box-score floor was fixed at export; lower scores are never returned."""
