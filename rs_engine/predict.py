@@ -92,9 +92,9 @@ def stream_plan(threads: int | None, streams: int | None, device: str = "cpu") -
     """How a run uses the CPU: ``(streams, runtime threads per stream)``.
 
     Concurrent batches, each on fewer runtime threads, use cores better than one batch on all of them (many of a
-    detection network's operators run on one thread, or scale poorly): on 2 cores, 2 streams of 1 thread
-    predicted 1.30x (PyTorch) and 1.34x (ONNX Runtime) the tiles per second of 1 stream of 2 threads
-    (docs/benchmarks.md 2d). ``threads``: the total (None: ``OMP_NUM_THREADS``, else all cores); ``streams``
+    detection network's operators run on one thread, or scale poorly): on 2 cores, 2 streams of 1 thread segment
+    1.25x (PyTorch) and 1.41x (ONNX Runtime) the Mpx/s of 1 stream of 2 threads, end to end (docs/benchmarks.md
+    2d). ``threads``: the total (None: ``OMP_NUM_THREADS``, else all cores); ``streams``
     None: one per thread up to :data:`MAX_AUTO_STREAMS`, 1 on a CUDA device.
 
     Raises:
