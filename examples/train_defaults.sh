@@ -15,38 +15,35 @@ WORK=${WORK:-../delineate-train}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK"
+
+# train_eval DATA OUT ARGS...: rs-train train an ssm_hybrid_tiny on DATA's train split into $WORK/OUT.safetensors
+# (resumable), then score it on DATA's test split and record the metrics in its card.
+train_eval() {
+  local d=$1 out=$WORK/$2; shift 2
+  "$PY" -m training.cli -v train --coco "$d/annotations/instances_train.json" --images "$d/images" \
+    --model-config ssm_hybrid_tiny --scale-range 0.6,1.6 --checkpoint-minutes 5 --workers 0 --progress jsonl \
+    --out "$out.safetensors" "$@"
+  "$PY" -m training.cli evaluate --model "$out.safetensors" --coco "$d/annotations/instances_test.json" \
+    --images "$d/images" --record test --json "$out.test.json"
+}
+
 for target in "$@"; do
   case $target in
     # Scale jitter 0.6-1.6: NWPU mixes 0.08 m and 0.5-2 m images, so a class comes at many pixel sizes; no training
     # GSD in the card (resampling to one GSD would be wrong for half of the data). The cosine schedule follows
     # whichever ends first, 5 epochs or 100 minutes of training, so a run cut by its budget still ends at a low LR.
-    nwpu) D=$SHARED/nwpu_vhr10
-      "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
-        --model-config ssm_hybrid_tiny --init-backbone imagenet --bands 1,2,3 --chip-size 512 \
-        --scale-range 0.6,1.6 --epochs "${NWPU_EPOCHS:-5}" --max-minutes "${NWPU_MINUTES:-100}" --batch-size 2 --lr 5e-4 --warmup-steps 50 \
-        --checkpoint-minutes 5 --workers 0 --name nwpu10 --progress jsonl --out "$WORK/nwpu10-hybrid.safetensors"
-      "$PY" -m training.cli evaluate --model "$WORK/nwpu10-hybrid.safetensors" \
-        --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
-        --json "$WORK/nwpu10-hybrid.test.json" ;;
-    ssdd) D=$SHARED/ssdd
-      "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
-        --model-config ssm_hybrid_tiny --init-backbone imagenet --bands 1 --chip-size 256 \
-        --scale-range 0.6,1.6 --epochs "${SSDD_EPOCHS:-5}" --max-minutes "${SSDD_MINUTES:-155}" --batch-size 4 --lr 5e-4 --warmup-steps 50 \
-        --checkpoint-minutes 5 --workers 0 --name ssdd-ship --progress jsonl --out "$WORK/ssdd-ship-hybrid.safetensors"
-      "$PY" -m training.cli evaluate --model "$WORK/ssdd-ship-hybrid.safetensors" \
-        --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
-        --json "$WORK/ssdd-ship-hybrid.test.json" ;;
+    nwpu) train_eval "$SHARED/nwpu_vhr10" nwpu10-hybrid --init-backbone imagenet --bands 1,2,3 --chip-size 512 \
+        --epochs "${NWPU_EPOCHS:-5}" --max-minutes "${NWPU_MINUTES:-100}" --batch-size 2 --lr 5e-4 --warmup-steps 50 \
+        --name nwpu10 ;;
+    ssdd) train_eval "$SHARED/ssdd" ssdd-ship-hybrid --init-backbone imagenet --bands 1 --chip-size 256 \
+        --epochs "${SSDD_EPOCHS:-5}" --max-minutes "${SSDD_MINUTES:-155}" --batch-size 4 --lr 5e-4 --warmup-steps 50 \
+        --name ssdd-ship ;;
     # ssdd-ship 0.5: the bundled 0.4 trained further (its resume file was lost with a machine): initialised from its
     # fp16 weights, a second cosine schedule at half the peak learning rate over SSDD_MORE_MINUTES (default 115).
-    ssdd-more) D=$SHARED/ssdd
-      "$PY" -m training.cli -v train --coco "$D/annotations/instances_train.json" --images "$D/images" \
-        --model-config ssm_hybrid_tiny --init "${SSDD_INIT:-rs_engine/weights/ssdd-ship.safetensors}" --bands 1 \
-        --chip-size 256 --scale-range 0.6,1.6 --epochs 12 --max-minutes "${SSDD_MORE_MINUTES:-115}" --batch-size 4 \
-        --lr 2.5e-4 --warmup-steps 30 --seed 1 --checkpoint-minutes 5 --workers 0 --name ssdd-ship --progress jsonl \
-        --out "$WORK/ssdd-ship-more.safetensors"
-      "$PY" -m training.cli evaluate --model "$WORK/ssdd-ship-more.safetensors" \
-        --coco "$D/annotations/instances_test.json" --images "$D/images" --record test \
-        --json "$WORK/ssdd-ship-more.test.json" ;;
+    ssdd-more) train_eval "$SHARED/ssdd" ssdd-ship-more \
+        --init "${SSDD_INIT:-rs_engine/weights/ssdd-ship.safetensors}" --bands 1 --chip-size 256 --epochs 12 \
+        --max-minutes "${SSDD_MORE_MINUTES:-115}" --batch-size 4 --lr 2.5e-4 --warmup-steps 30 --seed 1 \
+        --name ssdd-ship ;;
     *) echo "$target: use nwpu, ssdd or ssdd-more" >&2; exit 2 ;;
   esac
 done

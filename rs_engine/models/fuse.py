@@ -3,8 +3,9 @@
 In eval mode a BatchNorm is an affine map per channel, ``y = (x - mean) / sqrt(var + eps) * gamma + beta``, so it
 folds into the preceding convolution's weights and bias (Ioffe & Szegedy 2015; the standard deployment step, as
 ``torch.nn.utils.fusion.fuse_conv_bn_eval`` and ONNX Runtime's Conv+BatchNormalization fusion do). The EfficientNet
-MBConv stages of the ``effnet_*`` and ``ssm_hybrid_*`` bodies spend about a tenth of a CPU tile's time in BatchNorm
-otherwise (``bench/profile_tile.py``). Pairs are named per timm block type, never guessed from module order.
+MBConv stages of the ``effnet_*`` and ``ssm_hybrid_*`` bodies otherwise run ``aten::native_batch_norm`` after
+each convolution (``bench/profile_tile.py``'s table listed it before this folding). Pairs are named per timm
+block type, never guessed from module order.
 """
 
 from __future__ import annotations

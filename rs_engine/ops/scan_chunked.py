@@ -47,7 +47,7 @@ import torch
 
 from rs_engine.ops.chunked_backward import _scan_backward
 from rs_engine.ops.chunked_forward import _scan_forward
-from rs_engine.ops.scan_contract import check_args, compute_dtype
+from rs_engine.ops.scan_contract import as_groups, check_args, compute_dtype
 
 #: Tokens per chunk of the chunked scan. Shorter chunks mean more sequential chunk-to-chunk steps, longer
 #: ones fewer chunks per group (smaller ops); 16 was fastest in ``bench/scan.py`` on the target CPU.
@@ -131,13 +131,7 @@ def selective_scan_chunked(
     dtype_in = u.dtype
     cdt = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     batch, dim, length = u.shape
-    if B.dim() == 3:
-        B = B.unsqueeze(1)
-    if C.dim() == 3:
-        C = C.unsqueeze(1)
-    if B.shape[1] != C.shape[1]:  # one grouped, one not: expand the single group to the other's count
-        ng = max(B.shape[1], C.shape[1])
-        B, C = B.expand(batch, ng, *B.shape[2:]), C.expand(batch, ng, *C.shape[2:])
+    B, C = as_groups(B, C)
     conv = [None if t is None else t.to(cdt) for t in (u, delta, A, B, C, D, z, delta_bias)]
     if length == 0:
         out = u.new_zeros(u.shape)

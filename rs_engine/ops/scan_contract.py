@@ -58,3 +58,14 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def as_groups(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C as (batch, G, dstate, L): a 3-D one gets G = 1; when one is grouped and the other not, the single
+    group is expanded (a view) to the other's count."""
+    B = B.unsqueeze(1) if B.dim() == 3 else B
+    C = C.unsqueeze(1) if C.dim() == 3 else C
+    if B.shape[1] != C.shape[1]:
+        ng = max(B.shape[1], C.shape[1])
+        B, C = B.expand(B.shape[0], ng, *B.shape[2:]), C.expand(C.shape[0], ng, *C.shape[2:])
+    return B, C

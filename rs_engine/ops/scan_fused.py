@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from rs_engine.ops.scan_contract import check_args
+from rs_engine.ops.scan_contract import as_groups, check_args
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +83,21 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if not ccs:
         return None, "fused CPU scan unavailable: no C compiler (cc, gcc or clang) on PATH"
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    errors = []
-    for cc in ccs[:1]:
-        for openmp in (True, False):
-            out = _cache_dir() / f"scan_fused_cpu-{key}-{'omp' if openmp else 'serial'}.so"
-            try:
-                if not out.exists():
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    _compile(cc, out, openmp)
-                lib = ctypes.CDLL(str(out))
-            except (OSError, subprocess.SubprocessError) as exc:
-                msg = getattr(exc, "stderr", None) or str(exc)
-                errors.append(f"{cc}{' -fopenmp' if openmp else ''}: {msg.strip().splitlines()[-1] if msg else exc}")
-                continue
-            _declare(lib)
-            threads = "OpenMP" if openmp else "one thread"
-            return lib, f"fused CPU scan: C kernel built by {cc} -march=native ({threads}), {out.name}"
+    cc, errors = ccs[0], []
+    for openmp in (True, False):  # without OpenMP (e.g. Apple clang): one thread, still vectorised
+        out = _cache_dir() / f"scan_fused_cpu-{key}-{'omp' if openmp else 'serial'}.so"
+        try:
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _compile(cc, out, openmp)
+            lib = ctypes.CDLL(str(out))
+        except (OSError, subprocess.SubprocessError) as exc:
+            msg = getattr(exc, "stderr", None) or str(exc)
+            errors.append(f"{cc}{' -fopenmp' if openmp else ''}: {msg.strip().splitlines()[-1] if msg else exc}")
+            continue
+        _declare(lib)
+        threads = "OpenMP" if openmp else "one thread"
+        return lib, f"fused CPU scan: C kernel built by {cc} -march=native ({threads}), {out.name}"
     return None, "fused CPU scan unavailable: " + "; ".join(errors)
 
 
@@ -202,11 +201,7 @@ def selective_scan_fused(
         raise RuntimeError(fused_cpu_status())
     dtype_in = u.dtype
     batch, dim, length = u.shape
-    B = B.unsqueeze(1) if B.dim() == 3 else B
-    C = C.unsqueeze(1) if C.dim() == 3 else C
-    if B.shape[1] != C.shape[1]:  # one grouped, one not: expand the single group to the other's count
-        ng = max(B.shape[1], C.shape[1])
-        B, C = B.expand(batch, ng, *B.shape[2:]), C.expand(batch, ng, *C.shape[2:])
+    B, C = as_groups(B, C)
     f32 = [None if t is None else t.to(torch.float32).contiguous() for t in (u, delta, A, D, z, delta_bias)]
     Bt, Ct = (X.to(torch.float32).transpose(-1, -2).contiguous() for X in (B, C))  # token-major (batch, G, L, N)
     if length == 0:

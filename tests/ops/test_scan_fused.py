@@ -15,7 +15,7 @@ import torch
 from rs_engine.ops import scan_fused
 from rs_engine.ops import selective_scan as ss
 from rs_engine.ops.scan_fused import fused_cpu_available, fused_cpu_status, selective_scan_fused
-from tests.ops.test_selective_scan import NAMES, make_inputs, rel_err, split
+from tests.ops.test_selective_scan import EXTREME_DECAYS, _grads, check_extreme_decays, make_inputs, rel_err, split
 
 pytestmark = pytest.mark.skipif(not fused_cpu_available(), reason=f"kernel not built: {fused_cpu_status()}")
 
@@ -29,20 +29,6 @@ SHAPES = [
     (1, 24, 16, 257, 3),  # dstate 16, a last block of one token
 ]
 IDS = ["b{}d{}n{}L{}g{}".format(*s) for s in SHAPES]
-
-
-def _grads(fn, x: dict[str, torch.Tensor], full: bool, seed: int = 1) -> dict[str, torch.Tensor]:
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
-    args, kw = split(leaves, full)
-    if not full:
-        args[1] = leaves["delta"]
-    out, last = fn(*args, **kw, return_last_state=True)
-    g = torch.Generator().manual_seed(seed)
-    gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    gh = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
-    loss = (out * gy).sum() + (last * gh).sum()
-    used = [k for k in NAMES if full or k in NAMES[:5]]
-    return dict(zip(used, torch.autograd.grad(loss, [leaves[k] for k in used]), strict=True))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
@@ -61,7 +47,7 @@ def test_forward_and_gradients_match_float64_reference(shape, full):
     assert rel_err(y, y_ref) < 2e-6 and rel_err(h, h_ref) < 2e-6
     assert torch.equal(selective_scan_fused(*args32, **kw32), y)
 
-    ref, got = _grads(ss.selective_scan_ref, x, full), _grads(selective_scan_fused, x32, full)
+    ref, got = _grads(ss.selective_scan_ref, x, full, None), _grads(selective_scan_fused, x32, full, None)
     assert set(got) == set(ref)
     for k in ref:
         if ref[k].abs().max() == 0:  # dA with a single token: h_{-1} = 0
@@ -76,25 +62,15 @@ def test_two_threads_equal_one(monkeypatch):
     results = []
     for n in (1, 2):
         monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
-        results.append(_grads(selective_scan_fused, x, full=True))
+        results.append(_grads(selective_scan_fused, x, True, None))
     for k in results[0]:
         assert rel_err(results[1][k], results[0][k]) < 1e-6, k
 
 
-@pytest.mark.parametrize("delta_scale,a_scale", [(1e3, 1.0), (5.0, 50.0), (1e3, 1e3), (1e-6, 1e-3)])
+@pytest.mark.parametrize("delta_scale,a_scale", EXTREME_DECAYS)
 def test_extreme_decays_stay_finite(delta_scale, a_scale):
     """Decays far below float32's range reset the state (the kernel's exp stops at 2^-126), as in the reference."""
-    x = make_inputs(2, 8, 16, 45)
-    args, _ = split(x, full=False)
-    args[1] = args[1] * delta_scale
-    args[2] = args[2] * a_scale
-    y_ref, h_ref = ss.selective_scan_ref(*args, return_last_state=True)
-    args32 = [t.float().requires_grad_() for t in args]
-    y, h = selective_scan_fused(*args32, return_last_state=True)
-    assert torch.isfinite(y).all() and torch.isfinite(h).all()
-    assert rel_err(y, y_ref) < 2e-5 and rel_err(h, h_ref) < 2e-5
-    (y.sum() + h.sum()).backward()
-    assert all(torch.isfinite(t.grad).all() for t in args32)
+    check_extreme_decays(selective_scan_fused, delta_scale, a_scale)
 
 
 def test_softplus_edges_and_half_inputs():

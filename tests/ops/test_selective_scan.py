@@ -214,21 +214,29 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("delta_scale,a_scale", [(1e3, 1.0), (5.0, 50.0), (1e3, 1e3), (1e-6, 1e-3)])
-def test_extreme_decays_stay_finite(delta_scale, a_scale, set_groups):
-    """Huge or tiny delta*A: no inf/nan, and still the reference's values (a log-space scan would overflow)."""
-    set_groups(2, 8, 16, 16)
+EXTREME_DECAYS = [(1e3, 1.0), (5.0, 50.0), (1e3, 1e3), (1e-6, 1e-3)]
+
+
+def check_extreme_decays(fn, delta_scale: float, a_scale: float, **kw) -> None:
+    """Huge or tiny delta*A through ``fn`` in float32: no inf/nan in outputs and gradients, and the reference's
+    values (a log-space scan would overflow)."""
     x = make_inputs(2, 8, 16, 45)
     args, _ = split(x, full=False)
     args[1] = args[1] * delta_scale
     args[2] = args[2] * a_scale
     y_ref, h_ref = selective_scan_ref(*args, return_last_state=True)
     args32 = [t.float().requires_grad_() for t in args]
-    y, h = selective_scan_chunked(*args32, return_last_state=True, chunk_size=16)
+    y, h = fn(*args32, return_last_state=True, **kw)
     assert torch.isfinite(y).all() and torch.isfinite(h).all()
     assert rel_err(y, y_ref) < 2e-5 and rel_err(h, h_ref) < 2e-5
     (y.sum() + h.sum()).backward()
     assert all(torch.isfinite(t.grad).all() for t in args32)
+
+
+@pytest.mark.parametrize("delta_scale,a_scale", EXTREME_DECAYS)
+def test_extreme_decays_stay_finite(delta_scale, a_scale, set_groups):
+    set_groups(2, 8, 16, 16)
+    check_extreme_decays(selective_scan_chunked, delta_scale, a_scale, chunk_size=16)
 
 
 def test_softplus_of_large_delta_is_linear():
