@@ -30,6 +30,7 @@ from qgis.PyQt.QtWidgets import (
 from .engine import EngineResult, log
 from .layers import LayerError, raster_file, safe_name, transform_extent
 from .models import ModelInfo
+from .outline_tool import OutlineTool
 from .runs import DEVICES, WARNING, RunQueue, SegmentOptions, band_selection, plan_run
 from .widgets import RasterList, fill_model_combo
 
@@ -52,6 +53,7 @@ class SegmentTab(QWidget):
         self.queue.progressChanged.connect(lambda value: dock.progress.setValue(int(value)))
         self.queue.finished.connect(self._on_finished)
         self._build()
+        self.outline_tool = OutlineTool(self)
         dock.catalog.changed.connect(self._on_models)
 
     def _build(self) -> None:
@@ -74,6 +76,11 @@ class SegmentTab(QWidget):
         self.refresh_models_button.setToolTip("Ask the engine for the model list again")
         self.refresh_models_button.clicked.connect(lambda: self.dock.catalog.refresh())
         model_row.addWidget(self.refresh_models_button)
+        self.outline_button = QPushButton("Outline", self)
+        self.outline_button.setCheckable(True)
+        self.outline_button.setToolTip("Map tool: click an object, or drag a box around it, to outline it with this "
+                                       "model on the first checked raster; polygons go to 'Delineate outlines'")
+        model_row.addWidget(self.outline_button)
         form.addRow("Model", model_row)
         self.model_info = QLabel("asking the engine for its models...", self)
         self.model_info.setWordWrap(True)
@@ -146,6 +153,7 @@ class SegmentTab(QWidget):
 
     def shutdown(self) -> None:
         self.queue.shutdown()
+        self.outline_tool.shutdown()
 
     # -- models --------------------------------------------------------------------------------------------
     def selected_model(self) -> ModelInfo | None:

@@ -49,6 +49,20 @@ class EngineResult:
     stdout: str = ""
 
 
+def engine_process(command: EngineCommand, parent: QObject | None = None) -> QProcess:
+    """A QProcess (not started) set up to run ``command``: QGIS's own Python variables removed from its
+    environment, unbuffered output, the command's working directory."""
+    proc = QProcess(parent)
+    env = QProcessEnvironment.systemEnvironment()
+    for name in ("PYTHONHOME", "PYTHONPATH"):  # QGIS's own Python must not leak into the engine's
+        env.remove(name)
+    env.insert("PYTHONUNBUFFERED", "1")
+    proc.setProcessEnvironment(env)
+    if command.workdir:
+        proc.setWorkingDirectory(command.workdir)
+    return proc
+
+
 class EngineJob(QObject):
     """One run of ``rs-engine`` / ``rs-train`` in a QProcess.
 
@@ -89,14 +103,7 @@ class EngineJob(QObject):
         except EngineNotFound as exc:
             self._finish(EngineResult(ok=False, message=str(exc)))
             return False
-        proc = QProcess(self)
-        env = QProcessEnvironment.systemEnvironment()
-        for name in ("PYTHONHOME", "PYTHONPATH"):  # QGIS's own Python must not leak into the engine's
-            env.remove(name)
-        env.insert("PYTHONUNBUFFERED", "1")
-        proc.setProcessEnvironment(env)
-        if command.workdir:
-            proc.setWorkingDirectory(command.workdir)
+        proc = engine_process(command, self)
         proc.readyReadStandardOutput.connect(self._read_stdout)
         proc.readyReadStandardError.connect(self._read_stderr)
         proc.finished.connect(self._on_finished)

@@ -92,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-tiles", type=int, default=64, metavar="N",
                    help="tiles per cluster task (default 64; a scene with fewer is one task)")
 
+    o = sub.add_parser("outline", help="outline one object per prompt (points, boxes) into a GeoPackage")
+    o.add_argument("input", metavar="INPUT", help="raster file GDAL can read")
+    o.add_argument("-o", "--output", required=True, metavar="OUT.gpkg", help="output GeoPackage (layer outlines)")
+    o.add_argument("--prompts", required=True, metavar="PROMPTS",
+                   help="vector file of points (one object each) and/or polygons (their boxes), any CRS")
+    o.add_argument("--model", default="nwpu10", help="bundled model name or .safetensors file (default: nwpu10)")
+    o.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    o.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: OMP_NUM_THREADS, else all)")
+    o.add_argument("--bands", type=parse_bands, metavar="1,2,3", help="raster bands to use, 1-based")
+    o.add_argument("--no-resample", action="store_true", help="don't resample to the model's GSD")
+    o.add_argument("--simplify", type=float, default=0.0, metavar="M", help="simplify polygons (map units)")
+    o.add_argument("--overwrite", action="store_true", help="replace OUT.gpkg if it exists")
+
+    v = sub.add_parser("serve", help="interactive outlining: JSON lines on stdin/stdout (rs_engine.serve)")
+    v.add_argument("--model", default="nwpu10", help="bundled model name or .safetensors file (default: nwpu10)")
+    v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    v.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: OMP_NUM_THREADS, else all)")
+
     m = sub.add_parser("models", help="list bundled models and their cards")
     m.add_argument("--json", action="store_true", help="print the model cards as JSON")
     m.add_argument("paths", nargs="*", metavar="MODEL", help="also describe these model files")
@@ -128,6 +146,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("pyogrio").setLevel(logging.WARNING)  # one INFO line per written batch otherwise
         if args.command == "segment":
             return _segment(args, emit)
+        if args.command == "outline":
+            return _outline(args)
+        if args.command == "serve":
+            from rs_engine.serve import serve
+
+            emit.jsonl = True  # a model that fails to load is reported as an error event too
+            return serve(args.model, args.device, args.threads)
         if args.command == "models":
             return _models(args)
         if args.command == "export":
@@ -228,6 +253,18 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
         emit.event(event="done", output=str(result.output), features=result.features)
     else:
         print(f"{result.output}: {result.features} instances from {result.tiles} tiles in {result.seconds:.1f} s")
+    return EXIT_OK
+
+
+def _outline(args: argparse.Namespace) -> int:
+    from rs_engine.outline import OutlineOptions, outline
+
+    opts = OutlineOptions(model=args.model, device=args.device, threads=args.threads, bands=args.bands,
+                          resample=not args.no_resample, simplify=args.simplify, overwrite=args.overwrite)
+    if not (opts.simplify >= 0 and opts.simplify < float("inf")):
+        raise InputError(f"--simplify {opts.simplify}: must be 0 or a positive distance in map units")
+    out, prompts, found, seconds = outline(args.input, args.output, args.prompts, opts)
+    print(f"{out}: {found} of {prompts} prompts outlined in {seconds:.1f} s")
     return EXIT_OK
 
 

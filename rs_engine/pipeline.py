@@ -29,8 +29,8 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 
 from rs_engine.card import ModelCard, read_card
-from rs_engine.errors import Cancelled, InputError, raise_write_error
-from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter
+from rs_engine.errors import Cancelled, InputError
+from rs_engine.gpkg import FIELDS, LAYER, GpkgWriter, atomic_layer, check_output
 from rs_engine.inputs import expand_inputs, open_sources, output_crs
 from rs_engine.postprocess import MergedObject, TileMerger, as_multipolygon, to_map
 from rs_engine.predict import Predictor, TileBatch, local_batches, predict_tiles, stream_plan
@@ -167,7 +167,7 @@ def segment(
         try:
             sources = open_sources(inputs, card, options.bands, options.resample, options.extent)
             crs = output_crs(options.crs, sources)
-            _check_output(output, options.overwrite, [s.path for s in sources])
+            check_output(output, options.overwrite, [s.path for s in sources])
             for source in sources:
                 source.check_has_data()
             plans = [s.plan(tile_size, overlap) for s in sources]
@@ -242,26 +242,6 @@ def _check_tiling(tile_size: int, overlap: int, score_threshold: float) -> None:
         raise InputError(f"--score-threshold {score_threshold}: must be between 0 and 1")
 
 
-def _check_output(output: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
-    """The output must be a .gpkg in an existing writable folder, and not exist unless ``overwrite``."""
-    if output.suffix.lower() != ".gpkg":
-        raise InputError(f"{output}: output must be a GeoPackage file ending in .gpkg")
-    folder = output.absolute().parent
-    if not folder.exists():
-        raise InputError(f"{output}: output folder {folder} does not exist")
-    if not folder.is_dir():
-        raise InputError(f"{output}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{output}: output folder {folder} is not writable")
-    if output.is_dir():
-        raise InputError(f"{output}: is a folder, not a file")
-    if output.exists():
-        if any(p.exists() and os.path.samefile(p, output) for p in inputs):
-            raise InputError(f"{output}: output is one of the inputs")
-        if not overwrite:
-            raise InputError(f"{output}: already exists (use --overwrite to replace it)")
-
-
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -293,22 +273,8 @@ class _Run:
                 line naming the folder and the cause; ``output`` is left as it was and the temporary file removed
                 (on a file system turned read-only mid-run it cannot be: the message names it).
         """
-        temp = output.absolute().parent / f".{output.name}.tmp-{os.getpid()}.gpkg"
-        writer = GpkgWriter(temp, self.crs_wkt, name=output.name)
-        try:
-            writer.create()
+        with atomic_layer(output, self.crs_wkt) as writer:
             features, skipped = self._merge_all(batches, writer)
-            writer.check(features)  # GDAL can lose a write on a full disk without a word
-            try:
-                os.replace(temp, output)
-            except OSError as exc:
-                raise_write_error(output, exc)
-        except BaseException as exc:
-            # Errors, Cancelled, KeyboardInterrupt (and SIGTERM, which the CLI turns into one): no trace.
-            left = writer.discard()
-            if left and isinstance(exc, InputError):  # a read-only file system: say what is left there
-                raise InputError(f"{exc} (could not remove the temporary file {left[0]})") from exc.__cause__
-            raise
         return features, skipped
 
     def _merge_all(self, batches: Iterator[TileBatch], writer: GpkgWriter) -> tuple[int, int]:

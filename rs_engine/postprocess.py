@@ -31,6 +31,7 @@ All geometry up to :func:`to_map` is in grid pixels with integer vertices, so cl
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ import numpy as np
 import shapely
 from affine import Affine
 from rasterio import features
+from rasterio.errors import NotGeoreferencedWarning
 from shapely import affinity
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
@@ -46,6 +48,10 @@ from shapely.geometry.base import BaseGeometry
 from rs_engine.tiling import Tile, TilePlan
 
 log = logging.getLogger(__name__)
+# Vectorising an in-memory mask from a thread other than the main one makes rasterio warn "Dataset has no
+# geotransform" (rasterio 1.4's per-thread GDAL error state) although the transform is given and used: noise on
+# stderr for every run with concurrent streams. Only that warning, only from rasterio.features, is silenced.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module=r"rasterio\.features")
 
 #: Default intersection-over-smaller-area above which two tiles' masks in their overlap are one object.
 LINK_THRESHOLD = 0.3

@@ -364,10 +364,14 @@ class RasterSource:
         Raises:
             InputError: GDAL fails to read the pixels (corrupt or truncated file).
         """
-        size = tile.size
-        w = min(size, self.grid.width - tile.x0)
-        h = min(size, self.grid.height - tile.y0)
-        data, valid = self._read(self.grid.source_window(tile.x0, tile.y0, w, h), (len(self.bands), h, w))
+        return self.read_grid(tile.x0, tile.y0, tile.size)
+
+    def read_grid(self, x0: int, y0: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read, normalise and pad the ``size`` x ``size`` grid window at grid pixel (``x0``, ``y0``) (inside the
+        grid; it may reach past its right and bottom edges, which read as padding): as :meth:`read_tile`."""
+        w = min(size, self.grid.width - x0)
+        h = min(size, self.grid.height - y0)
+        data, valid = self._read(self.grid.source_window(x0, y0, w, h), (len(self.bands), h, w))
         image = np.zeros((len(self.bands), size, size), dtype=np.float32)
         image[:, :h, :w] = data
         valid_full = np.zeros((size, size), dtype=bool)

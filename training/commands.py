@@ -214,15 +214,21 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
         model, card = load_model(args.model, dev)
         bands = list(range(card.bands))
         ds = CocoChips(args.coco, args.images, ChipSpec(card.tile_size, bands, card.mean, card.std), train=False)
+        if args.box_prompts and args.point_prompts:
+            raise InputError("--box-prompts or --point-prompts, not both")
         if args.box_prompts:
             from training.prompted import evaluate_box_prompts
 
             metrics = evaluate_box_prompts(model, ds, dev, args.max_images, args.box_prompts)
+        elif args.point_prompts:
+            from training.prompted import evaluate_point_prompts
+
+            metrics = evaluate_point_prompts(model, ds, dev, args.max_images)
         else:
             metrics = evaluate_coco(model, ds, device=dev, max_images=args.max_images)
         data: Any = portable(args.coco)
-    elif args.box_prompts:
-        raise InputError("--box-prompts needs --coco ANN.json --images DIR")
+    elif args.box_prompts or args.point_prompts:
+        raise InputError(f"--{'box' if args.box_prompts else 'point'}-prompts needs --coco ANN.json --images DIR")
     elif args.raster and args.labels:
         if not args.class_field:
             raise InputError("--labels needs --class-field, the attribute holding each polygon's class")
@@ -237,7 +243,8 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
                          "--class-field F")
     if args.record:
         card = read_card(args.model)
-        split = f"{args.record}-box-prompts" if args.box_prompts else args.record  # never over the AP record
+        kind = "-box-prompts" if args.box_prompts else "-point-prompts" if args.point_prompts else ""
+        split = f"{args.record}{kind}"  # never over the AP record
         card.provenance.setdefault("metrics", {})[split] = {**metrics, "data": data, "command": command_line()}
         update_card(args.model, card)
     if args.json:

@@ -1,0 +1,185 @@
+"""Prompted outlining with a Mask R-CNN's own heads: a box or a click in, one object's mask out.
+
+A Mask R-CNN mask head is a box-prompted mask predictor already (RoIAlign of a box on the FPN, then an FCN), and
+its box head scores any box for objectness and class. :class:`MaskRCNNPrompter` answers prompts with them over the
+features of one image window, computed once (:meth:`MaskRCNNPrompter.embed`) so that a further prompt in the same
+window costs only the RoI heads:
+
+- a **box** prompt: the box head classifies the box (its best foreground class), the mask head outlines the object
+  inside it;
+- a **point** prompt (one or more positive points of one object): candidate boxes are the RPN's proposals that
+  contain the points plus boxes of 12 to 192 px of three aspect ratios centred on them; the box head scores and
+  refines each; the best-scoring refined boxes that still contain the points are outlined and the first whose mask
+  covers every point wins (the click-to-box search of interactive tools built on detectors, e.g. the "box from
+  click" step of RSPrompter-anchor's prompt generation, arXiv 2306.16269).
+
+The score is the box head's foreground probability of the chosen box: the head's confidence that the box holds an
+object of that class, not a predicted IoU (a SAM-style decoder predicts one; issue 16's prompt head).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torchvision.models.detection.image_list import ImageList
+
+from rs_engine.models.paste import paste_masks
+
+#: Side lengths (px) and aspect ratios (h / w) of the boxes centred on a click, added to the RPN's proposals so
+#: that an object the RPN missed (the reason to click) still gets candidates.
+CLICK_BOX_SIDES = (12, 24, 48, 96, 192)
+CLICK_BOX_RATIOS = (0.5, 1.0, 2.0)
+#: Refined candidate boxes whose masks are computed for a point prompt (the best by box score).
+POINT_MASK_CANDIDATES = 8
+
+
+@dataclass
+class Embedding:
+    """The features of one image window: what every prompt in it reuses.
+
+    Attributes:
+        features: the FPN levels, ``{name: (1, C, H/s, W/s)}``.
+        proposals: (P, 4) the RPN's proposals, x1 y1 x2 y2 in window pixels.
+        size: (H, W) window size in pixels (before padding to a multiple of 32).
+    """
+
+    features: OrderedDict[str, torch.Tensor]
+    proposals: torch.Tensor
+    size: tuple[int, int]
+
+
+@dataclass
+class Outline:
+    """One prompted object: ``mask`` (H, W) probabilities over the window, ``score`` 0-1 (box head foreground
+    probability), ``label`` 1..num_classes, ``box`` (4,) the box the mask was predicted in (window pixels)."""
+
+    mask: np.ndarray
+    score: float
+    label: int
+    box: np.ndarray
+
+
+class MaskRCNNPrompter:
+    """Box and point prompts answered by a torchvision Mask R-CNN's heads (see the module docstring).
+
+    Args:
+        model: a torchvision ``MaskRCNN`` (``rs_engine.models.build_model``); put in eval mode.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+        self.heads = model.roi_heads
+        param = next(model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray | torch.Tensor) -> Embedding:
+        """FPN features and RPN proposals of one normalised (C, H, W) image window (any size: zero-padded to a
+        multiple of 32 as the model's transform batches images, never resized)."""
+        x = torch.as_tensor(image, dtype=torch.float32, device=self.device)
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (0, -w % 32, 0, -h % 32))[None]
+        features = self.model.backbone(padded)
+        proposals, _ = self.model.rpn(ImageList(padded, [(h, w)]), features)
+        return Embedding(features, proposals[0], (h, w))
+
+    def _classify(self, emb: Embedding, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box head on ``boxes`` (K, 4): class probabilities (K, classes + 1) and per-class refined boxes
+        (K, classes + 1, 4), clipped to the window."""
+        heads = self.heads
+        pooled = heads.box_head(heads.box_roi_pool(emb.features, [boxes], [emb.size]))
+        logits, deltas = heads.box_predictor(pooled)
+        refined = heads.box_coder.decode(deltas, [boxes]).reshape(len(boxes), -1, 4)
+        h, w = emb.size
+        refined[..., 0::2] = refined[..., 0::2].clamp(0, w)
+        refined[..., 1::2] = refined[..., 1::2].clamp(0, h)
+        return logits.softmax(-1), refined
+
+    def _masks(self, emb: Embedding, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(K, H, W) mask probabilities of the mask head for ``boxes`` (K, 4) and their classes ``labels``."""
+        heads = self.heads
+        pooled = heads.mask_head(heads.mask_roi_pool(emb.features, [boxes], [emb.size]))
+        cells = heads.mask_predictor(pooled)[torch.arange(len(boxes)), labels].sigmoid()[:, None]
+        return paste_masks(cells, boxes, emb.size)[:, 0]
+
+    @torch.inference_mode()
+    def box_masks(self, emb: Embedding, boxes: np.ndarray | torch.Tensor,
+                  labels: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks of the objects in given boxes.
+
+        Args:
+            boxes: (K, 4) x1 y1 x2 y2 window pixels, the prompts (used as given: the user's box is the extent).
+            labels: (K,) classes 1..num_classes whose mask channel to take; None: the box head's best class.
+
+        Returns:
+            ``masks`` (K, H, W) probabilities, ``scores`` (K,) box-head probability of the class, ``labels`` (K,).
+        """
+        boxes = torch.as_tensor(boxes, dtype=torch.float32, device=self.device).reshape(-1, 4)
+        probs, _ = self._classify(emb, boxes)
+        if labels is None:
+            labels = probs[:, 1:].argmax(1) + 1  # the best foreground class
+        labels = torch.as_tensor(labels, device=self.device).long()
+        scores = probs[torch.arange(len(boxes)), labels]
+        return self._masks(emb, boxes, labels), scores, labels
+
+    def box(self, emb: Embedding, box: np.ndarray | torch.Tensor) -> Outline:
+        """The object in one box (4,) x1 y1 x2 y2 window pixels."""
+        masks, scores, labels = self.box_masks(emb, box)
+        return Outline(masks[0].cpu().numpy(), float(scores[0]), int(labels[0]),
+                       np.asarray(torch.as_tensor(box, dtype=torch.float32).cpu(), dtype=np.float32))
+
+    @torch.inference_mode()
+    def point(self, emb: Embedding, points: np.ndarray | torch.Tensor) -> Outline | None:
+        """The object under one or more positive points (P, 2) x y window pixels, or None when no candidate box
+        keeps every point inside both its box and its mask."""
+        pts = torch.as_tensor(points, dtype=torch.float32, device=self.device).reshape(-1, 2)
+        lo, hi = pts.min(0).values, pts.max(0).values
+        h, w = emb.size
+        candidates = [emb.proposals[_contains(emb.proposals, lo, hi)]]
+        centre = (lo + hi) / 2
+        for side in CLICK_BOX_SIDES:
+            for ratio in CLICK_BOX_RATIOS:
+                half = torch.tensor([side / ratio**0.5, side * ratio**0.5], device=self.device) / 2
+                half = torch.maximum(half, (hi - lo) / 2 + 2)
+                candidates.append(torch.cat([centre - half, centre + half])[None])
+        boxes = torch.cat(candidates)
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        probs, refined = self._classify(emb, boxes)
+        scores, labels = probs[:, 1:].max(1)
+        labels = labels + 1
+        refined = refined[torch.arange(len(boxes)), labels]
+        keep = _contains(refined, lo, hi) & (refined[:, 2] > refined[:, 0]) & (refined[:, 3] > refined[:, 1])
+        if not keep.any():
+            return None
+        scores, labels, refined = scores[keep], labels[keep], refined[keep]
+        order = scores.argsort(descending=True)[:POINT_MASK_CANDIDATES]
+        masks = self._masks(emb, refined[order], labels[order])
+        ix = pts[:, 0].long().clamp(0, w - 1)
+        iy = pts[:, 1].long().clamp(0, h - 1)
+        covered = (masks[:, iy, ix] > 0.5).all(1)
+        if not covered.any():
+            return None
+        i = int(covered.nonzero()[0])  # candidates are in score order: the best box whose mask covers the click
+        j = order[i]
+        mask = masks[i].cpu().numpy()
+        return Outline(_parts_at(mask, pts.cpu().numpy()), float(scores[j]), int(labels[j]), refined[j].cpu().numpy())
+
+
+def _contains(boxes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(K,) True where box k holds the rectangle [lo, hi] (points' extent)."""
+    return (boxes[:, 0] <= lo[0]) & (boxes[:, 1] <= lo[1]) & (boxes[:, 2] >= hi[0]) & (boxes[:, 3] >= hi[1])
+
+
+def _parts_at(mask: np.ndarray, points: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """``mask`` probabilities kept only on its connected parts (above ``threshold``) that hold one of ``points``
+    (x, y): the clicked object, not the neighbours its box reaches."""
+    parts, _ = ndimage.label(mask > threshold)
+    h, w = mask.shape
+    ids = {int(parts[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)]) for x, y in points} - {0}
+    return np.where(np.isin(parts, list(ids)), mask, 0).astype(mask.dtype) if ids else mask
