@@ -54,6 +54,7 @@ bench: venv
 	$(PY) bench/backbones.py $(BENCH_FLAGS) --out bench/results
 	$(PY) bench/end_to_end.py $(BENCH_FLAGS) --out bench/results
 	$(PY) bench/cluster.py $(BENCH_FLAGS) --out bench/results
+	$(PY) bench/outline_latency.py $(BENCH_FLAGS) --out bench/results
 
 lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench --python-version 3.11 \

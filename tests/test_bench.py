@@ -31,6 +31,16 @@ def test_train_step_bench_runs_every_variant(tmp_path) -> None:
     assert all(len(v["times_s"]) == 2 and v["min_s"] > 0 for v in rows.values())
 
 
+def test_outline_latency_bench_quick(tmp_path) -> None:
+    if not (ROOT.parent / "shared" / "data" / "nwpu_vhr10").is_dir():
+        pytest.skip("../shared/data/nwpu_vhr10 is absent")
+    r = subprocess.run([sys.executable, str(ROOT / "bench/outline_latency.py"), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "outline_latency.json").read_text())
+    assert record["prompts"] == 8 and all(len(v) == 2 for v in record["seconds"].values())
+
+
 def test_backbone_bench_quick(tmp_path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench/backbones.py"), "--quick", "--names", "ssm_tiny,heat_tiny",
                         "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
