@@ -5,6 +5,8 @@ public API, in the spirit of rasterio's:
 
 - :func:`segment` (with :class:`SegmentOptions`): rasters -> a GeoPackage of instance polygons, as
   ``rs-engine segment``;
+- :func:`outline` (with :class:`OutlineOptions`): one object per prompt (points, boxes) -> a GeoPackage, as
+  ``rs-engine outline``; :class:`Outliner`, the same one prompt at a time (``rs-engine serve``; needs PyTorch);
 - :func:`load_predictor`: a bundled model name or model file -> ``(predictor, ModelCard)`` in PyTorch or ONNX
   Runtime (:mod:`rs_engine.runtime`: numpy tiles in, detections out);
 - :func:`load_model`: a bundled model name or ``.safetensors`` file -> ``(torch model in eval mode, ModelCard)``;
@@ -12,7 +14,7 @@ public API, in the spirit of rasterio's:
 - :class:`InputError`: what every bad input raises (one line; the CLI's exit code 2).
 
 Names are imported on first use, so ``import rs_engine`` stays cheap (no PyTorch until a model is needed), and
-everything but :func:`load_model` works in the light engine, without PyTorch.
+everything but :func:`load_model` and outlining works in the light engine, without PyTorch.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ _API = {
     "segment": "rs_engine.pipeline",
     "SegmentOptions": "rs_engine.pipeline",
     "SegmentResult": "rs_engine.pipeline",
+    "outline": "rs_engine.outlining",
+    "OutlineOptions": "rs_engine.outlining",
+    "Outliner": "rs_engine.outlining",
     "load_predictor": "rs_engine.runtime",
     "load_model": "rs_engine.checkpoint",
     "ModelCard": "rs_engine.card",

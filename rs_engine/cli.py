@@ -257,7 +257,7 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
 
 
 def _outline(args: argparse.Namespace) -> int:
-    from rs_engine.outline import OutlineOptions, outline
+    from rs_engine.outlining import OutlineOptions, outline
 
     opts = OutlineOptions(model=args.model, device=args.device, threads=args.threads, bands=args.bands,
                           resample=not args.no_resample, simplify=args.simplify, overwrite=args.overwrite)

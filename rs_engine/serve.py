@@ -1,6 +1,6 @@
 """``rs-engine serve``: a long-lived engine for interactive outlining, JSON lines on stdin and stdout.
 
-The model is loaded once, rasters stay open and window embeddings are cached (:class:`~rs_engine.outline.Outliner`),
+The model is loaded once, rasters stay open and window embeddings are cached (:class:`~rs_engine.outlining.Outliner`),
 so a click pays neither Python start-up nor model loading, and a further click in the same window only the heads.
 
 Protocol (one JSON object per line each way; stderr carries logs only):
@@ -32,7 +32,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import mapping, shape
 
 from rs_engine.errors import InputError
-from rs_engine.outline import Outliner
+from rs_engine.outlining import Outliner
 from rs_engine.prompts import parse_crs, prompt_from_request
 
 log = logging.getLogger(__name__)

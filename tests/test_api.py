@@ -37,6 +37,9 @@ def test_api_names_are_not_shadowed_by_modules() -> None:
     assert rs_engine.segment is rs_engine.pipeline.segment and callable(rs_engine.segment)
     assert rs_engine.load_model is rs_engine.checkpoint.load_model
     assert rs_engine.RasterSource is rs_engine.raster.RasterSource
+    import rs_engine.outlining
+
+    assert rs_engine.outline is rs_engine.outlining.outline and callable(rs_engine.outline)
 
 
 def test_import_is_light_and_names_the_api() -> None:
@@ -44,5 +47,5 @@ def test_import_is_light_and_names_the_api() -> None:
             "print(sorted(n for n in rs_engine.__all__ if n != '__version__'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(sorted(["segment", "SegmentOptions", "SegmentResult", "load_predictor", "load_model",
-                                      "ModelCard",
+                                      "ModelCard", "outline", "OutlineOptions", "Outliner",
                                       "RasterSource", "InputError"]))

@@ -54,14 +54,15 @@ def build_model(config: ModelConfig) -> MaskRCNN:
     coordinates (:mod:`rs_engine.models.paste`).
 
     A heat backbone's stem follows its config (``"auto"``: the SAR stem for one band); ``config.extra["stem"]``
-    ("optical" or "sar") overrides it.
+    ("optical" or "sar") overrides it. ``config.extra["prompt_head"]`` (a :class:`PromptHeadConfig` dict) adds
+    ``model.prompt_head`` (:mod:`rs_engine.models.prompt_head`).
 
     Raises:
         ValueError: unknown backbone name (from :class:`ModelConfig`) or stem kind.
     """
     c = config
     if c.backbone == "resnet50":
-        return _resnet50_maskrcnn(c)
+        return _with_prompt_head(_resnet50_maskrcnn(c), c)
     backbone = BackboneWithFPN(build_backbone(c), c.fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in c.anchor_sizes), ((0.5, 1.0, 2.0),) * len(c.anchor_sizes))
     box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.representation_size)
@@ -88,7 +89,15 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         mask_head=mask_head,
         mask_predictor=mask_predictor,
     )
-    return use_continuous_paste(model)
+    return _with_prompt_head(use_continuous_paste(model), c)
+
+
+def _with_prompt_head(model: MaskRCNN, c: ModelConfig) -> MaskRCNN:
+    if "prompt_head" in c.extra:  # the SAM-style head trained on this (frozen) detector, issue 16
+        from rs_engine.models.prompt_head import attach_prompt_head
+
+        attach_prompt_head(model, c.extra["prompt_head"])
+    return model
 
 
 def build_backbone(config: ModelConfig) -> SSMBackbone | HeatBackbone | EffNetBackbone:

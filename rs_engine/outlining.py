@@ -30,6 +30,7 @@ from rs_engine.card import ModelCard, read_card
 from rs_engine.errors import InputError
 from rs_engine.gpkg import atomic_layer, check_output
 from rs_engine.inputs import model_source
+from rs_engine.pipeline import gdal_options
 from rs_engine.postprocess import as_multipolygon, mask_to_geometry, to_map
 from rs_engine.prompts import Prompt, read_prompts
 from rs_engine.raster import RasterSource
@@ -48,6 +49,7 @@ MAX_WINDOW = 2048
 CACHE_WINDOWS = 4
 MASK_THRESHOLD = 0.5
 MIN_PIXELS = 4
+_IDENTITY = rasterio.Affine.identity()  # outlines are in map units already when they are simplified
 
 
 @dataclass
@@ -257,7 +259,7 @@ def outline(input: str | Path, output: str | Path, prompts: str | Path,
     options = options or OutlineOptions()
     output = Path(output)
     card: ModelCard = read_card(_torch_model(options.model))
-    with rasterio.Env(GDAL_CACHEMAX=256), model_source(input, card, options.bands, options.resample) as source:
+    with rasterio.Env(**gdal_options()), model_source(input, card, options.bands, options.resample) as source:
         check_output(output, options.overwrite, [source.path, Path(prompts)])
         source.check_has_data()
         items = read_prompts(prompts, source.crs)
@@ -276,5 +278,3 @@ def outline(input: str | Path, output: str | Path, prompts: str | Path,
                                min(1.0, max(0.0, r.score)), card.label, run_id)])  # fmt: skip
     return output, len(items), found, time.perf_counter() - start
 
-
-_IDENTITY = rasterio.Affine.identity()
