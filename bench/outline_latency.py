@@ -63,18 +63,19 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"first point": [], "further point": [], "first box 1024": [], "further box": []}
     found = 0
-    step = (args.side - 1700) // max(args.repeats, 1)
     import rasterio
 
     with rasterio.open(raster) as ds:
         to_map = ds.transform  # prompts in the mosaic's map coordinates, as the map tool sends them
     for r in range(args.repeats):
-        c = 100 + r * step  # a new place each round: nothing cached from the last one
+        # A new place each round, 700 px from the last, points along the bottom and boxes along the top of the
+        # mosaic: no prompt of a round falls in a window cached by an earlier one.
+        x = 300 + 700 * r
         for key, request in (
-            ("first point", {"point": to_map * (c + 300.5, c + 300.5)}),
-            ("further point", {"point": to_map * (c + 360.5, c + 340.5)}),
-            ("first box 1024", {"box": _box(to_map, c + 700, c, 900)}),
-            ("further box", {"box": _box(to_map, c + 1000, c + 300, 200)}),
+            ("first point", {"point": to_map * (x + 0.5, args.side - 499.5)}),
+            ("further point", {"point": to_map * (x + 60.5, args.side - 459.5)}),
+            ("first box 1024", {"box": _box(to_map, x - 200, 50, 900)}),
+            ("further box", {"box": _box(to_map, x + 100, 350, 200)}),
         ):
             seconds, reply = ask(**request)
             times[key].append(seconds)
