@@ -98,13 +98,13 @@ class Outliner:
         from rs_engine.checkpoint import load_model
         from rs_engine.device import resolve_device
         from rs_engine.models.fuse import fold_batchnorm
-        from rs_engine.models.prompter import MaskRCNNPrompter
+        from rs_engine.models.prompter import prompter_for
 
         if threads:
             torch.set_num_threads(threads)
         net, self.card = load_model(path, resolve_device(device))
         fold_batchnorm(net)
-        self.prompter = MaskRCNNPrompter(net)
+        self.prompter = prompter_for(net)  # the model's prompt head if it has one, else its Mask R-CNN heads
         self._sources: dict[tuple[str, tuple[int, ...] | None], RasterSource] = {}
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
 

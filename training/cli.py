@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--chips-per-image", type=int, default=1)
     _optim_args(pt, epochs=10, lr=1.5e-3, warmup=50, batch=8, supervised=False)
     _distill_parser(sub)
+    ph = sub.add_parser("prompt-head", help="train a SAM-style prompt head on a model's frozen features")
+    ph.add_argument("--model", required=True, help="bundled model name or model file; its weights stay as they are")
+    ph.add_argument("--coco", required=True, type=Path, action="append", help="COCO instance JSON (repeatable)")
+    ph.add_argument("--images", required=True, type=Path, action="append", help="image folder, one per --coco")
+    ph.add_argument("--out", required=True, type=Path, help="output model file: the model plus its prompt head")
+    ph.add_argument("--name", help="model name in the card (default: output file stem)")
+    ph.add_argument("--chip-size", type=int, default=512)
+    ph.add_argument("--chips-per-image", type=int, default=1)
+    ph.add_argument("--objects", type=int, default=8, help="objects prompted per chip and step")
+    _optim_args(ph, epochs=20, lr=2e-3, warmup=30, batch=2, supervised=False)
+    ph.set_defaults(checkpoint_minutes=3.0)
     return p
 
 
@@ -223,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from training import commands
 
         command = {"train": commands.run_train, "finetune": commands.run_finetune, "evaluate": commands.run_evaluate,
-                   "pretrain": commands.run_pretrain, "distill": commands.run_distill}[args.command]
+                   "pretrain": commands.run_pretrain, "distill": commands.run_distill,
+                   "prompt-head": commands.run_prompt_head}[args.command]
         result = command(args, report)
     except InputError as exc:
         report.error(str(exc))

@@ -252,6 +252,13 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
     return metrics
 
 
+def run_prompt_head(args: argparse.Namespace, report: Callable[[dict], None]) -> dict[str, Any]:
+    """``rs-train prompt-head``: a SAM-style prompt head trained on a frozen model (:mod:`training.prompt_head`)."""
+    from training.prompt_head import run
+
+    return run(args, report)
+
+
 def run_pretrain(args: argparse.Namespace, report: Callable[[dict], None]) -> dict[str, Any]:
     """``rs-train pretrain``: frequency-masked reconstruction (:mod:`training.freqmask`) of a backbone."""
     from training.freqmask import FreqMaskObjective

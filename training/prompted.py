@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from rs_engine.models.prompter import MaskRCNNPrompter
+from rs_engine.models.prompter import MaskRCNNPrompter, prompter_for
 from training.augment import make_target
 from training.coco import CocoChips
 
@@ -70,7 +70,7 @@ def evaluate_point_prompts(model: torch.nn.Module, dataset: CocoChips, device: s
 def _evaluate(model: torch.nn.Module, dataset: CocoChips, device: str, max_images: int | None, prompt: str,
               class_source: str) -> dict[str, Any]:
     model.eval().to(device)
-    prompter = MaskRCNNPrompter(model)
+    prompter = prompter_for(model)  # a model's SAM-style prompt head when it has one
     mean = torch.tensor(dataset.spec.mean)[:, None, None]
     std = torch.tensor(dataset.spec.std)[:, None, None]
     ious: list[float] = []

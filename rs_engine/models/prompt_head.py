@@ -5,8 +5,11 @@ The head composes segment-anything's own modules (Kirillov et al. 2023, "Segment
 
 - a **neck** as SAM's image encoder ends (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d), from the FPN's stride-16
   map to ``embed_dim`` channels: the *image embedding*, computed once per window (:meth:`PromptHead.embed`);
-- SAM's ``PromptEncoder`` (random-Fourier positional encoding of point and box-corner coordinates plus learned
-  type embeddings), without its mask-prompt branch;
+- SAM's ``PromptEncoder``: random-Fourier positional encoding of point and box-corner coordinates plus learned
+  type embeddings (sparse tokens), and, through its mask-prompt branch, the same prompts drawn as a map at stride 4
+  (:func:`prompt_maps`, dense: added to every image cell). The dense map is ours, not SAM's (SAM feeds that branch
+  a previous mask): trained from scratch, the head learns to place a prompt in tens of steps with it, and had not
+  in a hundred without it (4 NWPU chips, box prompts: IoU 0.83 against 0.00 after 100 steps);
 - SAM's ``MaskDecoder`` over a ``TwoWayTransformer``: prompt tokens and image embedding attend to each other, then
   ``M`` mask tokens give masks at stride 4 and an IoU head scores each.
 
@@ -50,6 +53,8 @@ class PromptHeadConfig:
         iou_head_depth, iou_head_hidden_dim: the IoU-prediction MLP.
         level: FPN level the neck reads (``"2"``: stride 16).
         fpn_channels: width of that FPN level (the :class:`~rs_engine.models.ModelConfig`'s ``fpn_channels``).
+        dense_prompts: also give the prompts as a map at stride 4 (:func:`prompt_maps`) through SAM's mask-prompt
+            branch: each image cell then knows where the prompt is without learning to match positional codes.
     """
 
     embed_dim: int = 128
@@ -61,6 +66,7 @@ class PromptHeadConfig:
     iou_head_hidden_dim: int = 256
     level: str = "2"
     fpn_channels: int = 128
+    dense_prompts: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,11 +105,13 @@ class PromptHead(nn.Module):
             nn.Conv2d(d, d, 3, padding=1, bias=False), LayerNorm2d(d),
         )  # fmt: skip
         # SAM's encoder divides (p + 0.5) by its fixed input size; with a unit input size it takes coordinates we
-        # have already divided by the window's size (see _normalise). The embedding size only sizes its dense
-        # no-mask embedding, which broadcasts over any grid at (1, 1).
+        # have already divided by the window's size (see _normalise). Its fixed embedding size is never used: the
+        # dense positional code is computed per grid (forward), the mask branch is convolutional, and the no-mask
+        # embedding broadcasts from (1, 1).
         self.prompt_encoder = PromptEncoder(embed_dim=d, image_embedding_size=(1, 1), input_image_size=(1, 1),
-                                            mask_in_chans=4)
-        del self.prompt_encoder.mask_downscaling  # no mask prompts: no parameters that never train
+                                            mask_in_chans=16)
+        # Keep only the dense branch in use, so that no parameter sits untrained in the model file.
+        delattr(self.prompt_encoder, "no_mask_embed" if c.dense_prompts else "mask_downscaling")
         self.mask_decoder = MaskDecoder(
             transformer_dim=d,
             transformer=TwoWayTransformer(depth=c.depth, embedding_dim=d, num_heads=c.num_heads, mlp_dim=c.mlp_dim),
@@ -168,8 +176,9 @@ class PromptHead(nn.Module):
         if boxes is not None:
             if boxes.ndim != 2 or boxes.shape[-1] != 4 or (points is not None and len(boxes) != len(points)):
                 raise ValueError(f"boxes must be (K, 4) with K as points', got {tuple(boxes.shape)}")
-            boxes = _normalise(boxes.reshape(-1, 2, 2), padded).reshape(-1, 4)
-        sparse, dense = self.prompt_encoder(points=pts, boxes=boxes, masks=None)
+        corners = None if boxes is None else _normalise(boxes.reshape(-1, 2, 2), padded).reshape(-1, 4)
+        maps = prompt_maps((4 * h, 4 * w), points, point_labels, boxes) if self.config.dense_prompts else None
+        sparse, dense = self.prompt_encoder(points=pts, boxes=corners, masks=maps)
         image_pe = self.prompt_encoder.pe_layer((h, w))[None]
         logits, iou = self.mask_decoder(image_embeddings=embedding, image_pe=image_pe,
                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
@@ -189,6 +198,38 @@ def pad_window(image: Tensor) -> Tensor:
     transform batches images; never resized)."""
     h, w = image.shape[-2:]
     return F.pad(image, (0, -w % PAD_MULTIPLE, 0, -h % PAD_MULTIPLE))[None]
+
+
+def prompt_maps(grid: tuple[int, int], points: Tensor | None = None, point_labels: Tensor | None = None,
+                boxes: Tensor | None = None, sigma: float = 1.5) -> Tensor:
+    """Prompts drawn as maps on the stride-4 grid (the click maps of interactive segmentation, e.g. RITM, Sofiiuk et
+    al. 2022): 1 inside a box, plus a Gaussian bump of ``sigma`` cells at each point, +1 positive, -1 negative.
+
+    Args:
+        grid: (h4, w4) stride-4 cells of the padded window.
+        points: (K, P, 2) x y px; point_labels (K, P) (-1 padding is not drawn). boxes: (K, 4) x1 y1 x2 y2 px.
+
+    Returns:
+        (K, 1, h4, w4) float.
+    """
+    ref = points if points is not None else boxes
+    k = len(ref)
+    ys = (torch.arange(grid[0], device=ref.device, dtype=torch.float32) + 0.5) * MASK_STRIDE
+    xs = (torch.arange(grid[1], device=ref.device, dtype=torch.float32) + 0.5) * MASK_STRIDE
+    out = torch.zeros(k, 1, *grid, device=ref.device)
+    if boxes is not None:
+        b = boxes.float()
+        inside_x = (xs >= b[:, 0:1]) & (xs <= b[:, 2:3])  # (K, w4): cell centres inside the box
+        inside_y = (ys >= b[:, 1:2]) & (ys <= b[:, 3:4])
+        out[:, 0] += (inside_y[:, :, None] & inside_x[:, None, :]).float()
+    if points is not None:
+        p = points.float() + 0.5
+        d2 = ((ys[None, None, :, None] - p[..., 1, None, None]) ** 2
+              + (xs[None, None, None, :] - p[..., 0, None, None]) ** 2)  # (K, P, h4, w4)
+        bump = torch.exp(-d2 / (2 * (sigma * MASK_STRIDE) ** 2))
+        sign = torch.where(point_labels == 1, 1.0, torch.where(point_labels == 0, -1.0, 0.0))
+        out[:, 0] += (bump * sign[..., None, None]).sum(1)
+    return out
 
 
 def attach_prompt_head(model: nn.Module, config: PromptHeadConfig | dict[str, Any]) -> PromptHead:

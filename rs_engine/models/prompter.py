@@ -14,7 +14,12 @@ window costs only the RoI heads:
   click" step of RSPrompter-anchor's prompt generation, arXiv 2306.16269).
 
 The score is the box head's foreground probability of the chosen box: the head's confidence that the box holds an
-object of that class, not a predicted IoU (a SAM-style decoder predicts one; issue 16's prompt head).
+object of that class, not a predicted IoU.
+
+:class:`SAMPrompter` answers the same calls with a model's SAM-style prompt head (:mod:`rs_engine.models.prompt_head`,
+class-agnostic, trained on the frozen detector): the embedding adds the head's image embedding, a prompt runs only
+SAM's prompt encoder and mask decoder, the score is the decoder's predicted IoU, and the class is the box head's on
+the mask's bounding box. :func:`prompter_for` picks the prompter a model supports.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from scipy import ndimage
 from torchvision.models.detection.image_list import ImageList
 
 from rs_engine.models.paste import paste_masks
+from rs_engine.models.prompt_head import pad_window, upscale
 
 #: Side lengths (px) and aspect ratios (h / w) of the boxes centred on a click, added to the RPN's proposals so
 #: that an object the RPN missed (the reason to click) still gets candidates.
@@ -36,6 +42,8 @@ CLICK_BOX_SIDES = (12, 24, 48, 96, 192)
 CLICK_BOX_RATIOS = (0.5, 1.0, 2.0)
 #: Refined candidate boxes whose masks are computed for a point prompt (the best by box score).
 POINT_MASK_CANDIDATES = 8
+#: Box prompts decoded at once by :class:`SAMPrompter` (each holds its own copy of the window's decoder state).
+BOX_CHUNK = 16
 
 
 @dataclass
@@ -54,9 +62,18 @@ class Embedding:
 
 
 @dataclass
+class PromptEmbedding(Embedding):
+    """An :class:`Embedding` (``proposals`` empty) with the prompt head's ``image`` embedding (1, D, H'/16, W'/16)
+    of the window padded to (H', W'), multiples of 32 px."""
+
+    image: torch.Tensor
+
+
+@dataclass
 class Outline:
     """One prompted object: ``mask`` (H, W) probabilities over the window, ``score`` 0-1 (box head foreground
-    probability), ``label`` 1..num_classes, ``box`` (4,) the box the mask was predicted in (window pixels)."""
+    probability, or the prompt head's predicted IoU), ``label`` 1..num_classes, ``box`` (4,) the box the mask was
+    predicted in (window pixels; for a prompt head's point prompt, the mask's bounding box)."""
 
     mask: np.ndarray
     score: float
@@ -169,6 +186,98 @@ class MaskRCNNPrompter:
         j = order[i]
         mask = masks[i].cpu().numpy()
         return Outline(_parts_at(mask, pts.cpu().numpy()), float(scores[j]), int(labels[j]), refined[j].cpu().numpy())
+
+
+class SAMPrompter(MaskRCNNPrompter):
+    """Box and point prompts answered by a model's SAM-style prompt head (``model.prompt_head``, see the module
+    docstring); the calls and their results are :class:`MaskRCNNPrompter`'s.
+
+    Args:
+        model: a Mask R-CNN with a prompt head (``load_model`` of a file written by ``rs-train prompt-head``).
+
+    Raises:
+        AttributeError: the model has no prompt head (use :func:`prompter_for`).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.head = model.prompt_head
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray | torch.Tensor) -> PromptEmbedding:
+        """FPN features and the head's image embedding of one normalised (C, H, W) window (any size: zero-padded
+        to a multiple of 32, never resized). The one costly step: every prompt in the window reuses it."""
+        x = torch.as_tensor(image, dtype=torch.float32, device=self.device)
+        features = self.model.backbone(pad_window(x))
+        return PromptEmbedding(features, torch.zeros(0, 4, device=self.device), tuple(x.shape[-2:]),
+                               self.head.embed(features))
+
+    @torch.inference_mode()
+    def box_masks(self, emb: PromptEmbedding, boxes: np.ndarray | torch.Tensor,
+                  labels: np.ndarray | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks of the objects in given boxes: the head's single output per box.
+
+        Args:
+            boxes: (K, 4) x1 y1 x2 y2 window pixels, the prompts.
+            labels: (K,) classes 1..num_classes to report; None: the box head's best class on each mask's
+                bounding box (the masks themselves are class-agnostic).
+
+        Returns:
+            ``masks`` (K, H, W) probabilities, ``scores`` (K,) predicted IoU (0-1), ``labels`` (K,).
+        """
+        boxes = torch.as_tensor(boxes, dtype=torch.float32, device=self.device).reshape(-1, 4)
+        masks, scores = [], []
+        for chunk in boxes.split(BOX_CHUNK):  # the decoder's memory grows with prompts x window pixels
+            logits, iou = self.head(emb.image, emb.size, boxes=chunk)
+            masks.append(upscale(logits, emb.size)[:, 0].sigmoid())
+            scores.append(iou[:, 0].clamp(0, 1))
+        masks_t = torch.cat(masks)
+        if labels is None:
+            labels = self._labels(emb, masks_t, boxes)
+        return masks_t, torch.cat(scores), torch.as_tensor(labels, device=self.device).long()
+
+    @torch.inference_mode()
+    def point(self, emb: PromptEmbedding, points: np.ndarray | torch.Tensor) -> Outline | None:
+        """The object under one or more positive points (P, 2) x y window pixels: of the head's ambiguity-aware
+        outputs (SAM's multimask; the head is trained on one click), the one with the highest predicted IoU, kept
+        on its parts that hold a point; None when that mask is empty."""
+        pts = torch.as_tensor(points, dtype=torch.float32, device=self.device).reshape(-1, 2)
+        logits, iou = self.head(emb.image, emb.size, points=pts[None], multimask=True)
+        k = int(iou[0].argmax())
+        mask = upscale(logits[:, k:k + 1], emb.size)[0, 0].sigmoid()
+        if not (mask > 0.5).any():
+            return None
+        mask = torch.from_numpy(_parts_at(mask.cpu().numpy(), pts.cpu().numpy())).to(self.device)
+        box = _mask_boxes(mask[None] > 0.5)
+        label = self._labels(emb, mask[None], box)
+        return Outline(mask.cpu().numpy(), float(iou[0, k].clamp(0, 1)), int(label[0]), box[0].cpu().numpy())
+
+    def _labels(self, emb: PromptEmbedding, masks: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """(K,) the box head's best foreground class on the bounding box of each of ``masks`` (K, H, W) (the
+        ``fallback`` (K, 4) box where a mask is empty)."""
+        found = masks > 0.5
+        boxes = torch.where(found.flatten(1).any(1)[:, None], _mask_boxes(found), fallback)
+        return self._classify(emb, boxes)[0][:, 1:].argmax(1) + 1
+
+
+def prompter_for(model: torch.nn.Module) -> MaskRCNNPrompter:
+    """The prompter a model supports: :class:`SAMPrompter` when it has a prompt head, else
+    :class:`MaskRCNNPrompter`."""
+    return SAMPrompter(model) if hasattr(model, "prompt_head") else MaskRCNNPrompter(model)
+
+
+def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(K, 4) x1 y1 x2 y2 pixel-edge bounding boxes of boolean (K, H, W) masks (zeros for an empty mask)."""
+    k, h, w = masks.shape
+    rows, cols = masks.any(2), masks.any(1)
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    y1 = torch.where(rows, ar_h, h).min(1).values
+    y2 = torch.where(rows, ar_h + 1, 0).max(1).values
+    x1 = torch.where(cols, ar_w, w).min(1).values
+    x2 = torch.where(cols, ar_w + 1, 0).max(1).values
+    boxes = torch.stack([x1, y1, x2, y2], 1).float()
+    return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
 
 
 def _contains(boxes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
