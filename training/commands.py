@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from rs_engine.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def device(name: str) -> str:
@@ -132,6 +135,9 @@ def run_finetune(args: argparse.Namespace, report: Callable[[dict], None]) -> di
     spec.mean, spec.std = mean, std = train_set.band_statistics()
     config = ModelConfig(**{**base.architecture, "num_classes": len(train_set.class_names), "tile_size": size,
                             "in_channels": len(bands)})
+    if config.extra.pop("prompt_head", None) is not None:  # trained on the base's features, stale on the new ones
+        log.warning("%s has a prompt head; it is not carried over (retrain one with rs-train prompt-head)",
+                    base.label)
     torch.manual_seed(args.seed)
     model = build_model(config)
     init = init_from(model, args.base_model, same_classes=base.class_names == train_set.class_names)

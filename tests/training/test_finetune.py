@@ -98,3 +98,28 @@ def test_finetune_bad_inputs(tmp_path) -> None:
                        env=ENV, timeout=300)
     assert r.returncode == 2 and "no_such_field" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_finetune_drops_a_stale_prompt_head(tmp_path) -> None:
+    """A base model with a prompt head (issue 16): the head was trained on the base's features, so the fine-tuned
+    model does not carry it (a warning says so) and loads without one."""
+    import copy
+
+    from rs_engine.checkpoint import load_model, read_card, save_model
+    from rs_engine.models.prompt_head import PromptHeadConfig, attach_prompt_head
+
+    model, card = load_model("nwpu10")
+    head = PromptHeadConfig(fpn_channels=card.architecture.get("fpn_channels", 128)).to_dict()
+    attach_prompt_head(model, head)
+    card = copy.deepcopy(card)
+    card.architecture.setdefault("extra", {})["prompt_head"] = head
+    base = save_model(tmp_path / "with-head.safetensors", model, card)
+    assert hasattr(load_model(base)[0], "prompt_head")
+    out = tmp_path / "ft.safetensors"
+    args = [a if a != "nwpu10" else base for a in _finetune_args(out, epochs=1)]
+    r = subprocess.run(_cmd("training.cli", *args, "--progress", "none"), capture_output=True, text=True, env=ENV,
+                       timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "has a prompt head; it is not carried over" in r.stderr
+    assert "prompt_head" not in read_card(out).architecture.get("extra", {})
+    assert not hasattr(load_model(out)[0], "prompt_head")
