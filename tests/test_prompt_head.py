@@ -209,3 +209,31 @@ def test_cli(trained: dict[str, Any]) -> None:
 
     assert "prompt-head" in read_card(out).provenance["prompt_head"]["command"]
     assert out.with_suffix(".resume.safetensors").is_file()
+
+
+@needs_nwpu
+def test_prompt_head_as_instance_head(trained: dict[str, Any]) -> None:
+    """RSPrompter-anchor: the detector's detections, masks from the prompt head; rs-train evaluate --mask-head."""
+    from rs_engine.models.prompter import PromptHeadInstances, SAMPrompter
+    from training.evaluate import predict_image
+
+    model = trained["model"]
+    image, _ = trained["chips"][0]
+    plain = predict_image(model, image)
+    prompted = predict_image(PromptHeadInstances(model), image)
+    assert len(plain["boxes"]) > 0
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(plain[key], prompted[key]), key
+    assert prompted["masks"].shape == plain["masks"].shape
+    sam = SAMPrompter(model)
+    expected = sam.box_masks(sam.embed(image), plain["boxes"])[0]
+    assert torch.allclose(prompted["masks"][:, 0], expected)
+    r = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", "--model", str(trained["out"]), "--coco",
+                        str(trained["tmp"] / "four.json"), "--images", str(NWPU / "images"), "--mask-head", "prompt",
+                        "--json", str(trained["tmp"] / "m.json")], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 0 <= json.loads((trained["tmp"] / "m.json").read_text())["segm"]["AP"] <= 100
+    r = subprocess.run([sys.executable, "-m", "training.cli", "evaluate", "--model", "nwpu10", "--coco",
+                        str(trained["tmp"] / "four.json"), "--images", str(NWPU / "images"), "--mask-head", "prompt"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "has no prompt head" in r.stderr, r.stderr

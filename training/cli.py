@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--class-agnostic", action="store_true", help="score objects whatever their class")
     e.add_argument("--box-prompts", choices=["box_head", "truth"], help="with --coco: mean mask IoU of masks "
                    "prompted by the truth boxes instead of AP, the mask channel of the box head's class or the truth's")
+    e.add_argument("--mask-head", choices=["maskrcnn", "prompt"], default="maskrcnn", help="with --coco: masks "
+                   "of the detections from the Mask R-CNN mask head or from the model's prompt head prompted by the "
+                   "detected boxes (RSPrompter-anchor)")
     e.add_argument("--point-prompts", action="store_true", help="with --coco: mean mask IoU of masks prompted "
                    "by one point per object (the interior-most pixel of its truth mask) instead of AP")
     e.add_argument("--device", default="auto")

@@ -231,6 +231,12 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
 
             metrics = evaluate_point_prompts(model, ds, dev, args.max_images)
         else:
+            if args.mask_head == "prompt":
+                if not hasattr(model, "prompt_head"):
+                    raise InputError(f"{args.model}: has no prompt head (rs-train prompt-head trains one)")
+                from rs_engine.models.prompter import PromptHeadInstances
+
+                model = PromptHeadInstances(model)
             metrics = evaluate_coco(model, ds, device=dev, max_images=args.max_images)
         data: Any = portable(args.coco)
     elif args.box_prompts or args.point_prompts:
@@ -249,7 +255,8 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
                          "--class-field F")
     if args.record:
         card = read_card(args.model)
-        kind = "-box-prompts" if args.box_prompts else "-point-prompts" if args.point_prompts else ""
+        kind = ("-box-prompts" if args.box_prompts else "-point-prompts" if args.point_prompts
+                else "-prompt-head" if args.mask_head == "prompt" else "")
         split = f"{args.record}{kind}"  # never over the AP record
         card.provenance.setdefault("metrics", {})[split] = {**metrics, "data": data, "command": command_line()}
         update_card(args.model, card)

@@ -292,3 +292,31 @@ def _parts_at(mask: np.ndarray, points: np.ndarray, threshold: float = 0.5) -> n
     h, w = mask.shape
     ids = {int(parts[min(max(int(y), 0), h - 1), min(max(int(x), 0), w - 1)]) for x, y in points} - {0}
     return np.where(np.isin(parts, list(ids)), mask, 0).astype(mask.dtype) if ids else mask
+
+
+class PromptHeadInstances(torch.nn.Module):
+    """RSPrompter-anchor's instance head (arXiv 2306.16269, Fig. 3): the detector's boxes, classes and scores, with
+    masks from its prompt head prompted by those boxes instead of the Mask R-CNN mask head's.
+
+    Called as the detector is (``list of (C, H, W) normalised tensors -> list of dicts``, eval mode); each image's
+    features are computed a second time for the head (inference and evaluation only). ``transform`` and
+    ``roi_heads`` are the detector's, so callers that tune them (score threshold, no resizing) work unchanged.
+
+    Args:
+        model: a Mask R-CNN with ``prompt_head`` (``rs-train prompt-head``).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.prompter = SAMPrompter(model)
+        self.transform, self.roi_heads = model.transform, model.roi_heads
+
+    @torch.inference_mode()
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outputs = self.model(images)
+        for image, out in zip(images, outputs, strict=True):
+            if len(out["boxes"]):
+                emb = self.prompter.embed(image)
+                out["masks"] = self.prompter.box_masks(emb, out["boxes"], out["labels"])[0][:, None]
+        return outputs
