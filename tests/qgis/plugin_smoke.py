@@ -36,9 +36,11 @@ dock.settings_tab.python_widget.setFilePath("")  # back to the automatic choice 
 wait_until(lambda: not dock.catalog.busy(), 60)
 
 # unload while a segmentation and a model listing run: both processes must end, nothing be left behind
-raster = QgsRasterLayer(str(ROOT / "examples" / "ssdd_001111.jpg"), "ssdd")
+# The NWPU example with nwpu10 (6 tiles): seconds of work even on a fast machine, so the unload lands mid-run. The
+# one-tile SAR example could finish between the click and the unload on a loaded machine, its output then rightly kept.
+raster = QgsRasterLayer(str(ROOT / "examples" / "nwpu_021.jpg"), "nwpu")
 QgsProject.instance().addMapLayer(raster)
-dock.select_model("ssdd-ship")
+dock.select_model("nwpu10")
 dock.set_checked_rasters([raster.id()])
 output = os.path.join(sys.argv[1], "unload.gpkg")
 dock.segment_tab.output_widget.setFilePath(output)
