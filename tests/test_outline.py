@@ -76,7 +76,7 @@ def test_outline_points_and_a_box_find_their_objects(tmp_path: Path, truth: list
     out = tmp_path / "out.gpkg"
     r = _rs_engine("outline", str(EXAMPLE), "-o", str(out), "--prompts", str(prompts))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().endswith("5 of 5 prompts outlined in " + r.stdout.split(" in ")[-1].strip())
+    assert f"{out}: 5 of 5 prompts outlined in " in r.stdout, r.stdout
     df = pyogrio.read_dataframe(out, layer="outlines")
     assert list(df.columns) == ["prompt_id", "class_id", "class_name", "score", "model", "run_id", "geometry"]
     assert df.prompt_id.tolist() == [1, 2, 3, 4, 5] and df.run_id.nunique() == 1
