@@ -5,6 +5,7 @@ Usage::
 
     .venv/bin/python bench/end_to_end.py [--quick] [--out bench/results] [--data out/bench] [--threads N]
         [--model nwpu10] [--also MODEL ...] [--baseline PATH] [--side 4096] [--stream-sides 2048,8192,16384]
+        [--repeat N]
 
 1. End to end: a ``--side`` px mosaic of real NWPU VHR-10 imagery (GeoTIFF, :func:`bench.common.nwpu_mosaic`),
    segmented by each model with the same ``--tile-size`` and ``--overlap`` (the default model's card values),
@@ -16,7 +17,9 @@ Usage::
    architecture's, but its detections are random: marked in the table). ``--also`` adds other model files (e.g.
    the previous default) to the same run; ``--peers`` the networks of ``bench/peers.py`` (Ultralytics
    YOLO11n-seg) through the same tiling, reading, merging and writing; ``--runtimes`` the default model in PyTorch
-   and ONNX Runtime.
+   and ONNX Runtime. ``--repeat N`` runs the whole list N times, interleaved, and reports each run's median
+   seconds (every repeat's seconds in the JSON, ``runs_s``), so a change of load on a shared machine does not
+   decide a ratio.
 2. Streaming: the default model on mosaics of each ``--stream-sides`` side (same content, tiled GeoTIFFs written
    window by window): peak RSS and Mpx/s. Bounded memory means the peak does not grow with the raster.
 3. Ceilings in the same run: fp32 matmul GFLOP/s and the raster read rate of the mosaic (MB/s of decoded pixels,
@@ -141,6 +144,20 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
     return rec
 
 
+def median_run(recs: list[dict]) -> dict:
+    """One record for the repeats of one run: the median seconds (and its Mpx/s), the highest peak RSS and load,
+    every repeat's seconds in ``runs_s``; a repeat that failed makes the whole record that failure."""
+    failed = [r for r in recs if r["rc"] != 0]
+    if failed or len(recs) == 1:
+        return failed[0] if failed else recs[0]
+    secs = sorted(r["seconds"] for r in recs)
+    med = secs[len(secs) // 2] if len(secs) % 2 else (secs[len(secs) // 2 - 1] + secs[len(secs) // 2]) / 2
+    out = {**recs[0], "seconds": round(med, 1), "mpx_per_s": round(recs[0]["mpx"] / med, 4), "runs_s": secs,
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in recs),
+           "loadavg_1min": max(r["loadavg_1min"] for r in recs)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a 512 px raster, streaming at 256/512: a smoke test")
@@ -157,6 +174,8 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per segment run (end to end)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of the end-to-end runs, interleaved (A B A B ...); the table gives each run's median")
     ap.add_argument("--stream-timeout", type=float, default=3600,
                     help="seconds per streaming run; a longer one is stopped and its peak RSS so far reported")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream, baseline (the ResNet-50)")
@@ -195,11 +214,15 @@ def main() -> None:
         runs += [(str(baseline), "torch", role)]
         if "baseline" in skip:
             runs.pop()
-        for model, runtime, what in runs:
-            rec = measure(mosaic, model, args.data, args.tile_size, args.overlap, args.batch_size, env, args.timeout,
-                          runtime)
-            rec["role"] = what
-            record["e2e"].append(rec)
+        rounds: list[list[dict]] = []
+        for _ in range(max(1, args.repeat)):  # interleaved, so a change in the machine's load hits every run alike
+            rounds.append([])
+            for model, runtime, what in runs:
+                rec = measure(mosaic, model, args.data, args.tile_size, args.overlap, args.batch_size, env,
+                              args.timeout, runtime)
+                rec["role"] = what
+                rounds[-1].append(rec)
+        record["e2e"] = [median_run(list(same)) for same in zip(*rounds)]
     if "stream" not in skip:
         for s in stream:
             raster = nwpu_mosaic(args.data / f"nwpu_mosaic_{s}.tif", s)
@@ -218,7 +241,7 @@ def _table(rec: dict) -> str:
         for r in rec["e2e"]:
             lines.append(f"| {r['model']} | {r.get('runtime', 'torch')} | {r['role']} | {r['raster']} "
                          f"({r['mpx']} Mpx) | {r.get('mpx_per_s', '-')} | "
-                         f"{r['seconds']} | {r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} | "
+                         f"{r['seconds']}{_spread(r)} | {r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} | "
                          f"{r.get('loadavg_1min', '-')} |")
         ok = [r for r in rec["e2e"] if "mpx_per_s" in r]
         if len(ok) >= 2:
@@ -241,6 +264,12 @@ def _table(rec: dict) -> str:
                  f"(decoded pixels, 512 px windows); load average at start {info['loadavg_1min']}. Seconds: the whole "
                  "`rs-engine segment` command (load, read, infer, merge, write).")
     return "\n".join(lines)
+
+
+def _spread(r: dict) -> str:
+    """`` (min-max of N)`` for a repeated run, else nothing."""
+    runs = r.get("runs_s")
+    return f" ({runs[0]}-{runs[-1]}, median of {len(runs)})" if runs else ""
 
 
 def _plot(rec: dict, png: Path) -> None:

@@ -8,6 +8,7 @@ The base model (``nwpu10``, RGB) gets the pan band repeated three times; it has 
 "before" row is class-agnostic (any object counts).
 
     .venv/bin/python examples/finetune_spacenet.py --out out/spacenet [--epochs 30] [--max-minutes 10] [--lr 1e-3]
+        [--freeze-stages N]
 
 Writes ``OUT/{west,east}.geojson``, ``OUT/spacenet-buildings.safetensors``, ``OUT/{before,after}.json`` and prints
 a markdown table (mask AP50, mask AP, F1 at IoU 0.5, minutes).
@@ -60,6 +61,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=10.0)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--freeze-stages", type=int, default=0,
+                   help="freeze the stem and the first N backbone stages (rs-train finetune --freeze-stages)")
     args = p.parse_args()
     raster, labels = DATA / "sample_geotiff.tif", DATA / "geotiff_labels.geojson"
     if not raster.exists():
@@ -76,7 +79,8 @@ def main() -> None:
     t0 = time.monotonic()
     rs_train("finetune", *common, "--aoi", west, "--base-model", args.base_model, "--out", model,
              "--chip-size", "256", "--epochs", args.epochs, "--max-minutes", args.max_minutes,
-             "--lr", args.lr, "--val-fraction", "0", "--progress", "none")
+             "--lr", args.lr, "--val-fraction", "0", "--progress", "none",
+             "--freeze-stages", args.freeze_stages)
     minutes = (time.monotonic() - t0) / 60
     after = rs_train("evaluate", "--model", model, *common, "--aoi", east, "--json", args.out / "after.json",
                      "--record", "east-half")

@@ -88,3 +88,16 @@ def test_cluster_bench_quick(tmp_path) -> None:
     assert [run["run"] for run in rec["runs"]] == ["one process, 2 threads", "local:2"]
     assert all(run["rc"] == 0 and run["mpx_per_s"] > 0 and run["peak_rss_mb"] > 100 for run in rec["runs"])
     assert rec["same_objects"] and len(rec["runs"][1]["worker_peak_rss_mb"]) == 2
+
+
+def test_end_to_end_repeats_report_the_median_run() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.end_to_end import median_run
+
+    runs = [{"mpx": 4.0, "seconds": s, "rc": 0, "peak_rss_mb": m, "loadavg_1min": 1.0, "mpx_per_s": 4.0 / s}
+            for s, m in ((20.0, 900), (10.0, 1000), (16.0, 950))]
+    rec = median_run(runs)
+    assert rec["seconds"] == 16.0 and rec["mpx_per_s"] == 0.25
+    assert rec["runs_s"] == [10.0, 16.0, 20.0] and rec["peak_rss_mb"] == 1000
+    failed = {**runs[0], "rc": 1, "error": "boom"}
+    assert median_run([runs[0], failed])["error"] == "boom"  # a failed repeat is not hidden by the others
