@@ -154,6 +154,9 @@ def _distill_parser(sub: Any) -> None:
     ds.add_argument("--student-config", default="ssm_tiny", help="student backbone name (ssm_tiny, heat_tiny...)")
     ds.add_argument("--init-student", choices=["imagenet"],
                     help="start an effnet_* / ssm_hybrid_* student from its ImageNet MBConv weights")
+    ds.add_argument("--freeze-stages", type=int, default=0,
+                    help="keep the student's stem and first N stages as initialised (with --init-student imagenet "
+                         "and a hybrid, 2 trains only its SS2D stages)")
     ds.add_argument("--out", required=True, type=Path, help="output backbone file (.safetensors), for --init-backbone")
     ds.add_argument("--bands", default="1,2,3", type=parse_bands, help="image bands to use, 1-based")
     ds.add_argument("--chip-size", type=int, default=256)

@@ -301,12 +301,14 @@ def run_distill(args: argparse.Namespace, report: Callable[[dict], None]) -> dic
     def objective(body: Any, data: Any) -> tuple[Any, dict[str, Any]]:
         teacher = build_teacher(args.teacher)
         init = _init_student(body, args, data.mean.tolist(), data.std.tolist())
+        frozen = _freeze_student(body, getattr(args, "freeze_stages", 0))
         cache = args.cache_dir / cache_key(args.teacher, data) if args.cache_dir else None
         obj = DistillObjective(body, teacher, data.mean.tolist(), data.std.tolist(), len(data), perturb,
                                drd_weight=args.drd_weight, cache_dir=cache)
         torch.manual_seed(args.seed * 1000 + int(os.environ.get("RANK", "0")))  # each rank its own noise, masks
         return obj, {"teacher": args.teacher, "teacher_features": teacher.describe(), "pairs": obj.pairs,
-                     "perturb": vars(perturb), "drd_weight": args.drd_weight, "init_student": init}
+                     "perturb": vars(perturb), "drd_weight": args.drd_weight, "init_student": init,
+                     "frozen": frozen}
 
     return _label_free(args, report, args.student_config, "--student-config", "distill", "student", objective)
 
@@ -344,6 +346,20 @@ def _label_free(args: argparse.Namespace, report: Callable[[dict], None], backbo
 
     metrics = run_pretraining(objective, data, args.out, cfg, save, device=dev, progress=report)
     return {"output": str(args.out), "metrics": metrics}
+
+
+def _freeze_student(body: Any, k: int) -> list[str]:
+    """``--freeze-stages k``: the student's stem and first ``k`` stages keep their (e.g. ImageNet) weights, so the
+    distillation trains only the later stages (for a hybrid: its SS2D stages). Returns the frozen prefixes."""
+    from training.train import body_frozen_prefixes
+
+    prefixes = body_frozen_prefixes(body, k)
+    if k > 0 and not any(n.startswith(tuple(prefixes)) for n, _ in body.named_parameters()):
+        raise InputError(f"--freeze-stages {k}: the student has no such stages")
+    for name, p in body.named_parameters():
+        if name.startswith(tuple(prefixes)):
+            p.requires_grad_(False)
+    return prefixes
 
 
 def _init_student(body: Any, args: argparse.Namespace, mean: list[float], std: list[float]) -> dict | None:

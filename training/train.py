@@ -118,20 +118,24 @@ def frozen_prefixes(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
     """Parameter-name prefixes that ``cfg`` freezes, for SSM (hierarchical or plain) and ResNet bodies."""
     if cfg.freeze_backbone:
         return ["backbone.body."]
-    k = cfg.freeze_stages
+    return ["backbone.body." + q for q in body_frozen_prefixes(model.backbone.body, cfg.freeze_stages)]
+
+
+def body_frozen_prefixes(body: torch.nn.Module, k: int) -> list[str]:
+    """Parameter-name prefixes, within ``body``, of its stem and first ``k`` stages (none for ``k <= 0``).
+
+    Shared by ``rs-train train/finetune --freeze-stages`` and ``rs-train distill --freeze-stages``.
+    """
     if k <= 0:
         return []
-    body = model.backbone.body
-    p = "backbone.body."
     if hasattr(body, "freeze_prefixes"):  # EfficientNet-Lite and hybrid bodies name their own stages
-        return [p + q for q in body.freeze_prefixes(k)]
+        return list(body.freeze_prefixes(k))
     if hasattr(body, "stages"):  # hierarchical SSM: stem, stage i, then the downsampling into stage i + 1
-        return [p + "patch_embed."] + [p + f"stages.{i}." for i in range(k)] + [p + f"downsamples.{i}."
-                                                                               for i in range(min(k, 3))]
+        return ["patch_embed."] + [f"stages.{i}." for i in range(k)] + [f"downsamples.{i}." for i in range(min(k, 3))]
     if hasattr(body, "blocks"):  # plain SSM: the blocks split in 4 equal "stages"
         n = len(body.blocks) * min(k, 4) // 4
-        return [p + "patch_embed.", p + "pos_embed"] + [p + f"blocks.{i}." for i in range(n)]
-    return [p + "conv1.", p + "bn1."] + [p + f"layer{i + 1}." for i in range(min(k, 4))]  # ResNet
+        return ["patch_embed.", "pos_embed"] + [f"blocks.{i}." for i in range(n)]
+    return ["conv1.", "bn1."] + [f"layer{i + 1}." for i in range(min(k, 4))]  # ResNet
 
 
 def apply_freeze(model: torch.nn.Module, cfg: TrainConfig) -> int:

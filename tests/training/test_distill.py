@@ -287,7 +287,15 @@ def test_distill_hybrid_student_from_imagenet(tmp_path) -> None:
     assert card["backbone"] == "ssm_hybrid_tiny" and card["provenance"]["init_student"]["copied"] > 50
     key = "blocks.2.0.conv_pw.weight"  # an MBConv weight of the stride-8 stage (not the stem, which is folded)
     imagenet = imagenet_state_dict("lite0")[key]
-    assert (state[key].float() - imagenet).norm() / imagenet.norm() < 0.1  # two small steps from ImageNet
+    assert 0 < (state[key].float() - imagenet).norm() / imagenet.norm() < 0.1  # two small steps from ImageNet
+    frozen = tmp_path / "frozen.safetensors"  # --freeze-stages 2: the MBConv stages stay ImageNet's, SS2D trains
+    r = subprocess.run([*cmd, "--student-config", "ssm_hybrid_tiny", "--freeze-stages", "2", "--out", str(frozen)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    fstate, fcard = load_backbone(frozen)
+    assert torch.equal(fstate[key].float(), imagenet.to(fstate[key].dtype).float())
+    assert "blocks.2." in fcard["provenance"]["frozen"] and not any(
+        p.startswith("ssm_stages") for p in fcard["provenance"]["frozen"])
     r = subprocess.run([*cmd, "--student-config", "ssm_tiny", "--out", str(tmp_path / "t.safetensors")],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "has no ImageNet weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
