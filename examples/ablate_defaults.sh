@@ -6,6 +6,10 @@
 #   distill   hybrid from ImageNet, then feature distillation from the trained teacher's body (rs-train distill,
 #             adaptive noise and masking) on unlabelled imagery, then the same training
 #   drd       distill + DRD relation distillation from the teacher during training (--drd-teacher)
+#   distill-frozen, drd-frozen   the same with the ImageNet MBConv stages frozen during the distillation
+#             (rs-train distill --freeze-stages 2), so it trains only the SS2D stages
+#   hybrid-prompt  the hybrid row with the prompt head as instance head (rs-train train --head prompt; RSPrompter-
+#             anchor: boxes from the box head, masks from the SAM-style decoder), against hybrid's Mask R-CNN head
 # Any subset as arguments, in order (default: all five; the teacher must exist before distill and drd).
 # Budget: TRAIN_MINUTES per training row (default 40), DISTILL_MINUTES for the distillation (default 20), one
 # thread. Rows are scored on held-out *training* images (NWPU: the last 80; SSDD: the last 100) and trained on the
@@ -64,17 +68,22 @@ for row in "${rows[@]}"; do
     scratch) train scratch ssm_tiny ;;
     teacher) train teacher effnet_lite2 --init-backbone imagenet ;;
     hybrid) train hybrid ssm_hybrid_tiny --init-backbone imagenet ;;
-    distill|drd)
+    hybrid-prompt) train hybrid-prompt ssm_hybrid_tiny --init-backbone imagenet --head prompt ;;
+    distill|drd|distill-frozen|drd-frozen)
       [ -f "$teacher" ] || { echo "$row: train the teacher row first ($teacher)" >&2; exit 2; }
-      b=$W/distilled.seed$SEED.backbone.safetensors
-      [ -f "$b" ] || nice -n 5 "$PY" -m training.cli distill --teacher "model:$teacher" \
+      freeze=0 b=$W/distilled.seed$SEED.backbone.safetensors
+      case $row in *-frozen) freeze=2 b=$W/distilled-frozen.seed$SEED.backbone.safetensors ;; esac
+      [ -f "$b" ] || nice -n 5 "$PY" -m training.cli distill --freeze-stages $freeze --teacher "model:$teacher" \
         --images "$W/distill_images" "${extra[@]}" --bands $bands --student-config ssm_hybrid_tiny \
         --init-student imagenet --chip-size 256 --batch-size 4 --epochs 100 --max-minutes "$DM" --lr 1e-3 \
         --warmup-steps 20 --workers 0 --seed "$SEED" --checkpoint-minutes 5 --cache-dir "$W/cache" \
         --perturb adaptive --out "$b" --progress none
-      if [ "$row" = distill ]; then train distill ssm_hybrid_tiny --init-backbone "$b"
-      else train drd ssm_hybrid_tiny --init-backbone "$b" --drd-teacher "model:$teacher" --drd-weight 0.1; fi ;;
-    *) echo "unknown row $row (scratch teacher hybrid distill drd)" >&2; exit 2 ;;
+      case $row in
+        distill*) train "$row" ssm_hybrid_tiny --init-backbone "$b" ;;
+        *) train "$row" ssm_hybrid_tiny --init-backbone "$b" --drd-teacher "model:$teacher" --drd-weight 0.1 ;;
+      esac ;;
+    *) echo "unknown row $row (scratch teacher hybrid hybrid-prompt distill drd distill-frozen drd-frozen)" >&2
+       exit 2 ;;
   esac
 done
 "$PY" - "$W" "$DATASET" "$TM" "$DM" <<'PYEOF'
@@ -88,7 +97,7 @@ print(f"{dataset}: {tm} min of training per row (+ {dm} min of distillation for 
       "held-out training images")
 print("| row | seed | val mask AP | AP50 | box AP | params (M) | body GFLOPs 1024 px | body s / 512 px tile |")
 print("|---|---|---|---|---|---|---|---|")
-for row in ("scratch", "teacher", "hybrid", "distill", "drd"):
+for row in ("scratch", "teacher", "hybrid", "hybrid-prompt", "distill", "drd", "distill-frozen", "drd-frozen"):
     for path in sorted(glob.glob(f"{w}/{row}.seed*.val.json")):
         seed = path.split(".seed")[1].split(".")[0]
         r = json.load(open(path))
