@@ -4,6 +4,8 @@
 #   examples/train_defaults.sh nwpu    # nwpu10 0.3: ssm_hybrid_tiny from ImageNet EfficientNet-Lite0, NWPU VHR-10
 #   examples/train_defaults.sh ssdd    # ssdd-ship 0.3: ssm_hybrid_tiny from ImageNet, SSDD (1 band, 256 px chips),
 #                                      # 5 epochs or 155 minutes
+#   examples/train_defaults.sh ssdd-teacher   # the EfficientNet-Lite2 teacher, same data, schedule and budget
+#                                             # (nwpu-teacher likewise)
 # Then score on the test split (the --record line is stored in the card) and bundle with examples/bundle_model.py.
 # One job at a time, one thread (OMP_NUM_THREADS=1), so the machine's second core stays free for other work.
 # WORK (default ../delineate-train, outside the repository) holds the model, resume, log and curve files.
@@ -44,6 +46,14 @@ for target in "$@"; do
         --init "${SSDD_INIT:-rs_engine/weights/ssdd-ship.safetensors}" --bands 1 --chip-size 256 --epochs 12 \
         --max-minutes "${SSDD_MORE_MINUTES:-115}" --batch-size 4 --lr 2.5e-4 --warmup-steps 30 --seed 1 \
         --name ssdd-ship ;;
-    *) echo "$target: use nwpu, ssdd or ssdd-more" >&2; exit 2 ;;
+    # The teachers (issue 13): EfficientNet-Lite2 Mask R-CNN from ImageNet, the same data, schedule and budget as the
+    # nwpu / ssdd targets (a later --model-config overrides train_eval's), for the README's teacher rows.
+    nwpu-teacher) train_eval "$SHARED/nwpu_vhr10" nwpu10-teacher-lite2 --model-config effnet_lite2 \
+        --init-backbone imagenet --bands 1,2,3 --chip-size 512 --epochs "${NWPU_EPOCHS:-5}" \
+        --max-minutes "${NWPU_MINUTES:-100}" --batch-size 2 --lr 5e-4 --warmup-steps 50 --name nwpu10-teacher-lite2 ;;
+    ssdd-teacher) train_eval "$SHARED/ssdd" ssdd-teacher-lite2 --model-config effnet_lite2 --init-backbone imagenet \
+        --bands 1 --chip-size 256 --epochs "${SSDD_EPOCHS:-5}" --max-minutes "${SSDD_MINUTES:-155}" --batch-size 4 \
+        --lr 5e-4 --warmup-steps 50 --name ssdd-teacher-lite2 ;;
+    *) echo "$target: use nwpu, ssdd, ssdd-more, nwpu-teacher or ssdd-teacher" >&2; exit 2 ;;
   esac
 done
