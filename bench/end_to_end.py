@@ -16,8 +16,9 @@ Usage::
    either, an untrained ResNet-50-FPN Mask R-CNN with the default model's card is built (its speed is the
    architecture's, but its detections are random: marked in the table). ``--also`` adds other model files (e.g.
    the previous default) to the same run; ``--peers`` the networks of ``bench/peers.py`` (Ultralytics
-   YOLO11n-seg) through the same tiling, reading, merging and writing; ``--runtimes`` the default model in PyTorch
-   and ONNX Runtime. ``--repeat N`` runs the whole list N times, interleaved, and reports each run's median
+   YOLO11n-seg) through the same tiling, reading, merging and writing; ``--runtimes`` the default model in PyTorch,
+   ONNX Runtime and, where installed, OpenVINO (``openvino``: its precision, as the engine reports it, in the table).
+   ``--repeat N`` runs the whole list N times, interleaved, and reports each run's median
    seconds (every repeat's seconds in the JSON, ``runs_s``), so a change of load on a shared machine does not
    decide a ratio.
 2. Streaming: the default model on mosaics of each ``--stream-sides`` side (same content, tiled GeoTIFFs written
@@ -132,6 +133,8 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
     if r["rc"] == 0:
         rec["mpx_per_s"] = round(mpx / r["seconds"], 4)
         rec["objects"] = done.get("features")
+        if done.get("precision"):  # OpenVINO's inference precision (bf16 on CPUs that have it)
+            rec["precision"] = done["precision"]
     elif r["timed_out"]:
         # The kernel's high-water mark still holds for the part that ran: report how far it got.
         prog = [json.loads(line) for line in r["stdout"].splitlines() if line.startswith('{"event": "progress"')]
@@ -142,6 +145,13 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
         rec["error"] = (r["stderr"].strip().splitlines() or ["?"])[-1][:200]
     print(json.dumps(rec), flush=True)
     return rec
+
+
+def default_runtimes() -> str:
+    """Every runtime installed here (issue 14): PyTorch, ONNX Runtime and OpenVINO when its extra is installed."""
+    import importlib.util
+
+    return "torch,onnx" + (",openvino" if importlib.util.find_spec("openvino") else "")
 
 
 def median_run(recs: list[dict]) -> dict:
@@ -181,8 +191,9 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream, baseline (the ResNet-50)")
     ap.add_argument("--peers", default="yolo11n-seg",
                     help="comma list of bench/peers.py networks timed through the same tiling ('' for none)")
-    ap.add_argument("--runtimes", default="torch,onnx",
-                    help="runtimes the default model is timed in (end to end), each in its own run; torch-chunked: "
+    ap.add_argument("--runtimes", default=default_runtimes(),
+                    help="runtimes the default model is timed in (end to end), each in its own run (default: torch, "
+                         "onnx and openvino where installed); torch-chunked: "
                          "PyTorch with the chunked scan instead of the fused C kernel; RUNTIME:sN: with --streams N")
     args = ap.parse_args()
     side = 512 if args.quick else args.side
@@ -239,7 +250,7 @@ def _table(rec: dict) -> str:
         lines += ["| model | runtime | role | raster | Mpx/s | seconds | peak RSS (MB) | objects | load avg. |",
                   "|" + "---|" * 9]
         for r in rec["e2e"]:
-            lines.append(f"| {r['model']} | {r.get('runtime', 'torch')} | {r['role']} | {r['raster']} "
+            lines.append(f"| {r['model']} | {_runtime(r)} | {r['role']} | {r['raster']} "
                          f"({r['mpx']} Mpx) | {r.get('mpx_per_s', '-')} | "
                          f"{r['seconds']}{_spread(r)} | {r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} | "
                          f"{r.get('loadavg_1min', '-')} |")
@@ -264,6 +275,11 @@ def _table(rec: dict) -> str:
                  f"(decoded pixels, 512 px windows); load average at start {info['loadavg_1min']}. Seconds: the whole "
                  "`rs-engine segment` command (load, read, infer, merge, write).")
     return "\n".join(lines)
+
+
+def _runtime(r: dict) -> str:
+    """The runtime of a record, with its precision where the engine reported one (``openvino (bf16)``)."""
+    return r.get("runtime", "torch") + (f" ({r['precision']})" if r.get("precision") else "")
 
 
 def _spread(r: dict) -> str:

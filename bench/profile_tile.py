@@ -2,7 +2,8 @@
 
 Usage::
 
-    .venv/bin/python bench/profile_tile.py [--model nwpu10] [--threads 1] [--out bench/results] [--runtime onnx]
+    .venv/bin/python bench/profile_tile.py [--model nwpu10] [--threads 1] [--out bench/results]
+        [--runtime torch|onnx|openvino]
 
 The network is the one ``rs-engine segment --runtime torch`` runs (BatchNorm folded, the selective scan's
 backend as dispatched; ``DELINEATE_SCAN=chunked`` profiles the chunked PyTorch scan). Reads the first 512 x 512
@@ -11,7 +12,9 @@ detections over the card's score threshold as ``rs-engine segment`` does, runs o
 profiles three. Writes ``profile_<model>.txt``: time by
 stage (backbone body, FPN, RPN, RoI heads) from ``record_function`` ranges, and the top operators by self CPU time.
 ``--runtime onnx`` profiles the bundled ``.onnx`` form with ONNX Runtime's profiler instead (time by operator type,
-``profile_<model>_onnx.txt``).
+``profile_<model>_onnx.txt``); ``--runtime openvino`` with OpenVINO's per-node performance counters (time by
+operator type and by the kernel it chose, which names the precision: ``profile_<model>_openvino.txt``; precision
+as ``rs-engine segment`` runs it, ``DELINEATE_OPENVINO_PRECISION`` to change it).
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--data", type=Path, default=ROOT / "out" / "bench")
-    ap.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    ap.add_argument("--runtime", default="torch", choices=["torch", "onnx", "openvino"])
     args = ap.parse_args()
     if args.runtime == "onnx":
         return _profile_onnx(args)
+    if args.runtime == "openvino":
+        return _profile_openvino(args)
     import numpy as np
     import rasterio
     import torch
@@ -128,6 +133,55 @@ def _profile_onnx(args: argparse.Namespace) -> None:
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"profile_{Path(args.model).stem}_onnx.txt").write_text(text + "\n")
+    print(text)
+
+
+def _profile_openvino(args: argparse.Namespace) -> None:
+    """OpenVINO's performance counters over three inferences on the same tile (after a warm-up): time by operator
+    type and by kernel (its name carries the precision, e.g. ``brgconv_avx512_amx_bf16``)."""
+    import collections
+
+    import numpy as np
+    import openvino as ov
+    import rasterio
+    from rasterio.windows import Window
+
+    from rs_engine.card import read_card
+    from rs_engine.runtime import _restore_empty_branches, model_file, openvino_precision
+
+    path = model_file(args.model, "openvino")
+    card = read_card(path)
+    core = ov.Core()
+    model = core.read_model(str(path))
+    _restore_empty_branches(model)  # the network rs-engine segment --runtime openvino runs
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": True}
+    if openvino_precision():
+        config["INFERENCE_PRECISION_HINT"] = openvino_precision()
+    compiled = core.compile_model(model, "CPU", config)
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    request = compiled.create_infer_request()
+    with rasterio.open(nwpu_mosaic(args.data / "nwpu_mosaic_1024.tif", 1024)) as ds:
+        a = ds.read(list(range(1, card.bands + 1)), window=Window(0, 0, 512, 512)).astype(np.float32)
+    x = (a - np.float32(card.mean)[:, None, None]) / np.float32(card.std)[:, None, None]
+    request.infer({0: x})  # warm-up, not counted
+    by_op, by_kernel, runs = collections.Counter(), collections.Counter(), 3
+    for _ in range(runs):
+        out = request.infer({0: x})
+        for info in request.profiling_info:
+            us = info.real_time.total_seconds() * 1e6
+            by_op[info.node_type] += us
+            by_kernel[info.exec_type] += us
+    total = sum(by_op.values())
+    lines = [f"model {args.model} (OpenVINO {ov.__version__.split('-')[0]}, precision {precision}), 512 px tile, "
+             f"{args.threads} threads, {len(out[compiled.output('scores')])} detections; node time over {runs} runs "
+             f"(after a warm-up): {total / runs / 1e3:.0f} ms per run", "",
+             "| operator | ms per run | share |", "|---|---|---|"]
+    lines += [f"| {op} | {d / runs / 1e3:.0f} | {100 * d / total:.1f}% |" for op, d in by_op.most_common(15)]
+    lines += ["", "| kernel | ms per run | share |", "|---|---|---|"]
+    lines += [f"| {k} | {d / runs / 1e3:.0f} | {100 * d / total:.1f}% |" for k, d in by_kernel.most_common(10)]
+    text = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"profile_{Path(args.model).stem}_openvino.txt").write_text(text + "\n")
     print(text)
 
 

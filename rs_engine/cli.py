@@ -2,7 +2,8 @@
 
 Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr, no traceback); 1 internal error;
 130 cancelled (Ctrl-C or SIGTERM). With ``--progress jsonl`` every event is also one JSON object per line on
-stdout: ``{"event": "progress", "done": k, "total": n}``, then ``{"event": "done", "output": ..., "features": n}``,
+stdout: ``{"event": "progress", "done": k, "total": n}``, then ``{"event": "done", "output": ..., "features": n,
+"runtime": ...}`` (and ``"precision"`` where the runtime reports it: OpenVINO),
 ``{"event": "error", "message": ...}`` or ``{"event": "cancelled"}`` (as ``rs-train`` reports it); with
 ``--scheduler`` first ``{"event": "cluster", "scheduler": ..., "threads": n, "dashboard": URL or null}``.
 """
@@ -70,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="nwpu10",
                    help="bundled model name, or a .safetensors or .onnx model file (default: nwpu10)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"],
-                   help="PyTorch or ONNX Runtime (default auto: onnx for .onnx files or without PyTorch)")
+    s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
+                   help="PyTorch, ONNX Runtime or OpenVINO (CPU; precision: DELINEATE_OPENVINO_PRECISION=f32|bf16|f16, "
+                   "default OpenVINO's fastest) (default auto: onnx for .onnx files or without PyTorch)")
     s.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime, all streams together "
                    "(default: OMP_NUM_THREADS, else all cores)")
     s.add_argument("--streams", type=int, metavar="N", help="batches predicted at once on the CPU, each on "
@@ -250,9 +252,12 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
         if bar is not None:
             bar.close()
     if args.progress == "jsonl":
-        emit.event(event="done", output=str(result.output), features=result.features)
+        extra = {"precision": result.precision} if result.precision else {}
+        emit.event(event="done", output=str(result.output), features=result.features, runtime=result.runtime, **extra)
     else:
-        print(f"{result.output}: {result.features} instances from {result.tiles} tiles in {result.seconds:.1f} s")
+        ran = ", ".join(v for v in (result.runtime, result.precision) if v)
+        print(f"{result.output}: {result.features} instances from {result.tiles} tiles in {result.seconds:.1f} s"
+              + (f" ({ran})" if ran else ""))
     return EXIT_OK
 
 
@@ -304,7 +309,7 @@ def _doctor(args: argparse.Namespace) -> int:
     import rasterio
 
     from rs_engine.card import bundled_models
-    from rs_engine.runtime import onnxruntime_available, torch_available
+    from rs_engine.runtime import onnxruntime_available, openvino_available, torch_available
 
     facts: dict[str, Any] = {
         "rs_engine": __version__,
@@ -317,6 +322,7 @@ def _doctor(args: argparse.Namespace) -> int:
         "runtimes": [],
         "onnxruntime": None,
         "onnxruntime_providers": [],
+        "openvino": None,
         "torch": None,
         "torchvision": None,
         "cuda_available": False,
@@ -332,6 +338,11 @@ def _doctor(args: argparse.Namespace) -> int:
 
         facts.update(onnxruntime=onnxruntime.__version__, onnxruntime_providers=onnxruntime.get_available_providers())
         facts["runtimes"].append("onnx")
+    if openvino_available():
+        from importlib.metadata import version
+
+        facts["openvino"] = version("openvino")  # without importing it (a second or so)
+        facts["runtimes"].append("openvino")
     if torch_available():
         import torch
         import torchvision

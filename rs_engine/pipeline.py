@@ -53,7 +53,8 @@ class SegmentOptions:
 
     model: str = "nwpu10"  # bundled model name, or path to a .safetensors (PyTorch) or .onnx model file
     device: str = "auto"  # auto | cpu | cuda | cuda:N (rs_engine.device)
-    runtime: str = "auto"  # auto | torch | onnx (rs_engine.runtime: auto is onnx without PyTorch or for .onnx)
+    runtime: str = "auto"  # auto | torch | onnx | openvino (rs_engine.runtime: auto is onnx without PyTorch or for
+    # .onnx, never openvino)
     threads: int | None = None  # CPU threads of the runtime, all streams together; None: OMP_NUM_THREADS or all cores
     streams: int | None = None  # batches predicted at once, in threads of this process; None: auto (CPU: one per
     # thread, at most 4, each with threads // streams runtime threads; CUDA or a caller's predictor: 1)
@@ -86,6 +87,8 @@ class SegmentResult:
     skipped_tiles: int = 0  # tiles not predicted because they hold no valid pixel
     run_id: str = ""
     crs: str | None = None  # output CRS as WKT, None without georeferencing
+    runtime: str | None = None  # the runtime that predicted (torch, onnx, openvino); None: a caller's predictor
+    precision: str | None = None  # the inference precision where the runtime reports it (OpenVINO: f32, bf16, f16)
 
 
 def segment(
@@ -147,7 +150,7 @@ def segment(
         runtime = choose_runtime(options.model, options.runtime)
         card = read_card(model_file(options.model, runtime))  # the card alone is cheap; weights load later
     tile_size = options.tile_size if options.tile_size is not None else card.tile_size
-    exported = card.provenance.get("onnx", {}).get("tile_size") if runtime == "onnx" else None
+    exported = card.provenance.get("onnx", {}).get("tile_size") if runtime in ("onnx", "openvino") else None
     if exported and tile_size != exported:
         raise InputError(f"{options.model}: this ONNX model was exported for {exported} px tiles, not {tile_size} "
                          f"(rs-engine export --tile-size {tile_size} makes one)")
@@ -155,6 +158,9 @@ def segment(
     score_threshold = options.score_threshold if options.score_threshold is not None else card.score_threshold
     _check_tiling(tile_size, overlap, score_threshold)
     scheduler = None
+    # What predicted, for the run's report: the loaded runtime's name and precision, unknown for a caller's
+    # predictor; on a cluster the chosen runtime (each worker loads its own).
+    ran, precision = (runtime, None) if predictor is None else (None, None)
     if options.scheduler is not None:
         from rs_engine import distributed  # Dask is an extra: imported only when asked for
 
@@ -177,8 +183,9 @@ def segment(
                 streams = options.streams or 1  # a caller's predictor may not be thread-safe
                 if predictor is None:
                     streams, threads = stream_plan(options.threads, options.streams, options.device)
-                    loaded, card = load_predictor(options.model, runtime, options.device, threads)
-                    run.card = card
+                    loaded, card = load_predictor(options.model, runtime, options.device, threads, streams)
+                    run.card, ran = card, getattr(loaded, "runtime", runtime)
+                    precision = getattr(loaded, "precision", None)
                     # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each
                     # detection (200 x T x T floats per tile otherwise).
                     loaded.set_score_threshold(score_threshold)
@@ -201,7 +208,7 @@ def segment(
     seconds = time.perf_counter() - start
     total = sum(len(p) for p in plans)
     log.info("wrote %d objects from %d tiles to %s in %.1f s", features, total, output, seconds)
-    return SegmentResult(output, features, total, seconds, skipped, run.run_id, run.crs_wkt)
+    return SegmentResult(output, features, total, seconds, skipped, run.run_id, run.crs_wkt, ran, precision)
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -69,8 +70,9 @@ def test_end_to_end_bench_quick(tmp_path) -> None:
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "end_to_end.json").read_text())
+    openvino = [("default model", "openvino")] if importlib.util.find_spec("openvino") else []
     assert [(e["role"], e["runtime"]) for e in rec["e2e"]] == [
-        ("default model", "torch"), ("default model", "onnx"), ("peer (untrained weights)", "torch"),
+        ("default model", "torch"), ("default model", "onnx"), *openvino, ("peer (untrained weights)", "torch"),
         ("baseline (untrained weights)", "torch")]
     assert rec["e2e"][0]["objects"] == rec["e2e"][1]["objects"]  # the two runtimes find the same
     assert all(e["rc"] == 0 and e["mpx_per_s"] > 0 and e["peak_rss_mb"] > 100 for e in rec["e2e"] + rec["stream"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -129,5 +130,6 @@ def test_doctor_names_the_runtimes():
     r = subprocess.run([sys.executable, "-m", "rs_engine.cli", "doctor", "--json"], capture_output=True, text=True,
                        timeout=120)  # fmt: skip
     facts = json.loads(r.stdout)
-    assert facts["runtimes"] == ["torch", "onnx"] and facts["onnxruntime"]
+    openvino = ["openvino"] if importlib.util.find_spec("openvino") else []  # an extra (issue 14)
+    assert facts["runtimes"] == ["torch", "onnx", *openvino] and facts["onnxruntime"]
     assert facts["bundled_onnx"] == ["nwpu10", "ssdd-ship"]

@@ -1,0 +1,172 @@
+"""OpenVINO as a third runtime (issue 14): the bundled ``.onnx`` file ONNX Runtime runs, on OpenVINO's CPU plugin.
+
+At f32 it must give ONNX Runtime's detections; at its default precision (bf16 on CPUs with AVX512-BF16 or AMX) the
+same objects, boxes within IoU 0.9, on these tiles. bf16 moves more than that elsewhere: over the 25 tiles of
+``out/bench/nwpu_mosaic_2048.tif`` 8% of the matched boxes above 0.5 had an IoU under 0.9 with ONNX Runtime's
+(median 0.98), so these tests pin the typical case, not a bound. All one thread.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from rs_engine import cli
+from rs_engine import runtime as rt
+from rs_engine.card import bundled_models, read_card
+from rs_engine.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "nwpu_021.jpg"  # a real NWPU VHR-10 image, 1356 x 939 px
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # a plain JPEG crop
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="OpenVINO is not installed (pip install 'delineate[openvino]')")
+#: (row, col) of 512 px windows of EXAMPLE: 5 and 2 objects over the score floor, and none (the last one).
+WINDOWS = [(0, 0), (400, 800), (427, 844)]
+
+
+@pytest.fixture(scope="module")
+def tiles() -> list[np.ndarray]:
+    """Normalised (3, 512, 512) float32 tiles of EXAMPLE, as the pipeline reads them."""
+    card = read_card("nwpu10")
+    mean, std = np.float32(card.mean)[:, None, None], np.float32(card.std)[:, None, None]
+    with rasterio.open(EXAMPLE) as ds:
+        return [(ds.read([1, 2, 3], window=((r, r + 512), (c, c + 512))).astype(np.float32) - mean) / std
+                for r, c in WINDOWS]
+
+
+@pytest.fixture(scope="module")
+def onnx_outputs(tiles) -> list[dict[str, np.ndarray]]:
+    pred, _ = rt.load_predictor("nwpu10", runtime="onnx", threads=1)
+    return [pred([t])[0] for t in tiles]
+
+
+def _openvino(monkeypatch, precision: str | None, streams: int = 1) -> rt.OpenVinoPredictor:
+    if precision:
+        monkeypatch.setenv(rt.PRECISION_ENV, precision)
+    else:
+        monkeypatch.delenv(rt.PRECISION_ENV, raising=False)
+    pred, _ = rt.load_predictor("nwpu10", runtime="openvino", device="cpu", threads=1, streams=streams)
+    assert isinstance(pred, rt.OpenVinoPredictor) and pred.input_shape == (3, 512, 512)
+    return pred
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) x1y1x2y2 boxes -> (N, M) IoU."""
+    lo, hi = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(-1)
+    area = lambda z: (z[:, 2:] - z[:, :2]).prod(-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+@needs_openvino
+def test_f32_gives_onnx_runtimes_detections(tiles, onnx_outputs, monkeypatch):
+    """Same graph, same float32 arithmetic up to summation order: outputs agree to 1e-3, in ONNX_OUTPUTS order."""
+    pred = _openvino(monkeypatch, "f32")
+    assert pred.precision == "f32"
+    for tile, ref in zip(tiles, onnx_outputs, strict=True):
+        out = pred([tile])[0]
+        assert list(out) == list(rt.ONNX_OUTPUTS)
+        for name in rt.ONNX_OUTPUTS:
+            assert out[name].shape == ref[name].shape and out[name].dtype == ref[name].dtype, name
+        np.testing.assert_array_equal(out["labels"], ref["labels"])
+        np.testing.assert_allclose(out["scores"], ref["scores"], atol=1e-3)
+        np.testing.assert_allclose(out["boxes"], ref["boxes"], atol=0.05)  # pixels
+        np.testing.assert_allclose(out["masks"], ref["masks"], atol=1e-3)
+    assert [len(o["scores"]) for o in onnx_outputs][-1] == 0  # the empty tile stays empty (OpenVINO's If fix)
+
+
+@needs_openvino
+def test_default_precision_finds_the_same_objects(tiles, onnx_outputs, monkeypatch):
+    pred = _openvino(monkeypatch, None)
+    assert pred.precision in rt.OPENVINO_PRECISIONS
+    for tile, ref in zip(tiles, onnx_outputs, strict=True):
+        out = pred([tile])[0]
+        a, b = ref["scores"] > 0.5, out["scores"] > 0.5
+        assert abs(int(a.sum()) - int(b.sum())) <= 1
+        if a.any():
+            iou = _box_iou(ref["boxes"][a], out["boxes"][b])
+            best = iou.argmax(1)
+            assert iou.max(1).min() > 0.9, iou.max(1)
+            np.testing.assert_array_equal(out["labels"][b][best], ref["labels"][a])
+
+
+@needs_openvino
+def test_no_detection_is_empty_even_after_a_tile_with_some(tiles, monkeypatch):
+    """OpenVINO's ONNX reader made the empty NMS branch a scalar: one stale detection came back instead of none."""
+    pred = _openvino(monkeypatch, None)
+    assert len(pred([tiles[0]])[0]["scores"]) >= 1
+    out = pred([tiles[-1]])[0]
+    assert {k: v.shape for k, v in out.items()} == {"boxes": (0, 4), "labels": (0,), "scores": (0,),
+                                                    "masks": (0, 1, 512, 512)}
+    assert rt._restore_empty_branches(rt._openvino_core().read_model(str(pred.path))) == 2  # RPN and box head NMS
+
+
+@needs_openvino
+def test_two_streams_predict_at_once_as_one_does(tiles, monkeypatch):
+    """The pipeline's streams call one predictor from several threads: each takes its own infer request."""
+    one = _openvino(monkeypatch, None)
+    two = _openvino(monkeypatch, None, streams=2)
+    assert two.compiled.get_property("NUM_STREAMS") == 2
+    work = tiles[:2] * 2
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda t: two([t])[0], work))
+    for tile, out in zip(work, outs, strict=True):
+        ref = one([tile])[0]
+        np.testing.assert_array_equal(out["labels"], ref["labels"])
+        np.testing.assert_allclose(out["scores"], ref["scores"], atol=1e-4)
+
+
+@needs_openvino
+def test_segment_cli_runs_openvino_end_to_end(tmp_path, read_gpkg):
+    raster = tmp_path / "crop.tif"
+    with rasterio.open(EXAMPLE) as ds:
+        pixels = ds.read(window=((0, 512), (0, 512)))
+    with rasterio.open(raster, "w", driver="GTiff", width=512, height=512, count=3, dtype="uint8") as dst:
+        dst.write(pixels)
+    out = tmp_path / "out.gpkg"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(rt.PRECISION_ENV, None)
+    r = subprocess.run([sys.executable, "-m", "rs_engine.cli", "segment", str(raster), "-o", str(out),
+                        "--runtime", "openvino", "--progress", "jsonl"], capture_output=True, text=True, env=env,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout.splitlines()[-1])
+    assert done["event"] == "done" and done["runtime"] == "openvino"
+    assert done["precision"] in rt.OPENVINO_PRECISIONS
+    _, rows = read_gpkg(out)
+    assert len(rows) == done["features"] >= 3
+    assert {row["class_name"] for row in rows} <= set(read_card("nwpu10").class_names)
+
+
+def test_missing_openvino_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(rt, "openvino_available", lambda: False)
+    out = tmp_path / "out.gpkg"
+    assert cli.main(["segment", str(EXAMPLE), "-o", str(out), "--runtime", "openvino"]) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err == "rs-engine: error: --runtime openvino: OpenVINO is not installed (pip install openvino)\n"
+    assert not out.exists()
+
+
+@needs_openvino
+def test_bad_openvino_settings_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(rt.PRECISION_ENV, "f64")
+    out = tmp_path / "out.gpkg"
+    assert cli.main(["segment", str(EXAMPLE), "-o", str(out), "--runtime", "openvino"]) == cli.EXIT_INPUT
+    assert capsys.readouterr().err == (f"rs-engine: error: {rt.PRECISION_ENV}=f64: use one of f32, bf16, f16 "
+                                       "(or leave it unset)\n")
+    assert not out.exists()
+    monkeypatch.delenv(rt.PRECISION_ENV)
+    with pytest.raises(InputError, match="--runtime openvino runs on the CPU"):
+        rt.load_predictor("nwpu10", runtime="openvino", device="cuda")
+    with pytest.raises(InputError, match="runs with --runtime torch, not openvino"):
+        rt.load_predictor(bundled_models(".safetensors")["nwpu10"], runtime="openvino")
