@@ -61,7 +61,9 @@ def load_state(
 def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelCard]:
     """Build the network described by the card and load its weights; returns ``(model in eval mode, card)``.
 
-    fp16-stored weights are cast to float32 for CPU inference.
+    fp16-stored weights are cast to float32 for CPU inference. A card whose ``architecture["head"]`` is ``"prompt"``
+    gives the detector in :class:`~rs_engine.models.prompter.PromptHeadInstances` (its masks from its prompt head,
+    RSPrompter-anchor); absent or ``"maskrcnn"``: the torchvision Mask R-CNN itself.
 
     Raises:
         InputError: unknown name, missing or corrupt file, or weights that don't fit the card's architecture.
@@ -84,6 +86,10 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu") -> t
             f"{spec}: weights don't match the card's architecture "
             f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[:2]})"
         )
+    if config.head == "prompt":
+        from rs_engine.models.prompter import PromptHeadInstances
+
+        model = PromptHeadInstances(model)
     model.to(device).eval()
     return model, card
 

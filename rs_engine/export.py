@@ -50,8 +50,9 @@ def export_onnx(
         overwrite: replace an existing ``out``.
 
     Raises:
-        InputError: unknown or unreadable model, a bad tile size, ``out`` exists (without ``overwrite``) or cannot
-            be written, or a network the exporter cannot express (one line; nothing is left at ``out``).
+        InputError: unknown or unreadable model, a model whose masks come from a prompt head (``head = "prompt"``),
+            a bad tile size, ``out`` exists (without ``overwrite``) or cannot be written, or a network the exporter
+            cannot express (one line; nothing is left at ``out``).
     """
     import torch
 
@@ -63,6 +64,9 @@ def export_onnx(
     if out.exists() and not overwrite:
         raise InputError(f"{out}: exists (use --overwrite to replace it)")
     model, card = load_model(spec, "cpu")
+    if card.architecture.get("head") == "prompt":  # per-detection Python loops (box chunks) the tracer would freeze
+        raise InputError(f"{spec}: its masks come from a prompt head (head = prompt), which rs-engine export does "
+                         "not support; run it with --runtime torch")
     size = tile_size or card.tile_size
     if size < 64 or size % 32:
         raise InputError(f"--tile-size {size}: use a multiple of 32, at least 64")

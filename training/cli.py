@@ -55,6 +55,14 @@ def _optim_args(p: argparse.ArgumentParser, epochs: int, lr: float, warmup: int,
     g.add_argument("--drd-weight", type=float, default=1.0, help="weight of the DRD loss (with --drd-teacher)")
 
 
+def _head_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+    """``--head``: the instance mask head of the trained model (``ModelConfig.head``, recorded in its card)."""
+    p.add_argument("--head", choices=["maskrcnn", "prompt"], default=default,
+                   help="instance mask head: maskrcnn (FCN mask head on RoIAlign features) or prompt (RSPrompter-"
+                        "anchor: a SAM-style prompt head prompted by the detected boxes, trained jointly on the "
+                        "truth boxes, jittered)" + ("" if default else "; default: the base model's"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = UsageParser(prog="rs-train", description="Train, fine-tune and evaluate Delineate models.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -76,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gsd", type=float, help="training GSD in m/px for the model card")
     t.add_argument("--scale-range", type=_scale_range, default=(0.8, 1.25), metavar="LO,HI",
                    help="scale jitter: chips are zoomed by a log-uniform factor in [LO, HI] (default 0.8,1.25)")
+    _head_arg(t, "maskrcnn")
     _optim_args(t, epochs=12, lr=1e-3, warmup=200, batch=4)
 
     f = sub.add_parser("finetune", help="fine-tune a model on rasters + a polygon layer (your own annotations)")
@@ -92,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tile the annotated area, at least 16)")
     f.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of the annotated area held out for validation, split by blocks (0: none)")
+    _head_arg(f, None)
     _optim_args(f, epochs=20, lr=3e-4, warmup=20, batch=2)
 
     e = sub.add_parser("evaluate", help="COCO mask and box AP of a model (COCO dataset or rasters + polygons)")
@@ -106,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--class-agnostic", action="store_true", help="score objects whatever their class")
     e.add_argument("--box-prompts", choices=["box_head", "truth"], help="with --coco: mean mask IoU of masks "
                    "prompted by the truth boxes instead of AP, the mask channel of the box head's class or the truth's")
-    e.add_argument("--mask-head", choices=["maskrcnn", "prompt"], default="maskrcnn", help="with --coco: masks "
-                   "of the detections from the Mask R-CNN mask head or from the model's prompt head prompted by the "
-                   "detected boxes (RSPrompter-anchor)")
+    e.add_argument("--mask-head", choices=["maskrcnn", "prompt"], help="with --coco: masks of the detections from "
+                   "the Mask R-CNN mask head or from the model's prompt head prompted by the detected boxes "
+                   "(RSPrompter-anchor); default: the model's own (its card's head)")
     e.add_argument("--point-prompts", action="store_true", help="with --coco: mean mask IoU of masks prompted "
                    "by one point per object (the interior-most pixel of its truth mask) instead of AP")
     e.add_argument("--device", default="auto")

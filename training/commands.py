@@ -84,9 +84,10 @@ def run_train(args: argparse.Namespace, report: Callable[[dict], None]) -> dict[
     # Statistics of the raw images (band_statistics reads them unnormalised), then the chips use them.
     spec.mean, spec.std = mean, std = band_statistics(train_set)
     config = ModelConfig(backbone=args.model_config, in_channels=len(bands),
-                         num_classes=len(train_set.class_names), tile_size=args.chip_size)
+                         num_classes=len(train_set.class_names), tile_size=args.chip_size, head=args.head)
     torch.manual_seed(args.seed)
     model = build_model(config)
+    _record_prompt_head(config, model)
     provenance: dict[str, Any] = {"data": portable(args.coco), "command": command_line()}
     if args.init:
         provenance["init"] = init_from(model, args.init)
@@ -134,12 +135,16 @@ def run_finetune(args: argparse.Namespace, report: Callable[[dict], None]) -> di
     # New sensor, new radiometry: normalise with the statistics of the analyst's rasters, not the base model's.
     spec.mean, spec.std = mean, std = train_set.band_statistics()
     config = ModelConfig(**{**base.architecture, "num_classes": len(train_set.class_names), "tile_size": size,
-                            "in_channels": len(bands)})
-    if config.extra.pop("prompt_head", None) is not None:  # trained on the base's features, stale on the new ones
+                            "in_channels": len(bands), "head": args.head or base.architecture.get("head", "maskrcnn")})
+    prompt_head = config.extra.pop("prompt_head", None)
+    if config.head == "prompt" and prompt_head is not None:
+        config.extra["prompt_head"] = prompt_head  # trained on with the model: the base's head is a start
+    elif prompt_head is not None:  # trained on the base's features, stale on the new ones
         log.warning("%s has a prompt head; it is not carried over (retrain one with rs-train prompt-head)",
                     base.label)
     torch.manual_seed(args.seed)
     model = build_model(config)
+    _record_prompt_head(config, model)
     init = init_from(model, args.base_model, same_classes=base.class_names == train_set.class_names)
     if args.init_backbone:
         init["backbone"] = init_backbone(model, args.init_backbone, config.backbone, mean, std)
@@ -163,6 +168,12 @@ def run_finetune(args: argparse.Namespace, report: Callable[[dict], None]) -> di
     metrics = train(model, card, train_set, args.out, train_config(args), evaluate=evaluate, device=dev,
                     progress=report, extra_loss=_drd_extra(args, model, card))
     return {"output": str(args.out), "classes": train_set.class_names, "metrics": metrics}
+
+
+def _record_prompt_head(config: Any, model: Any) -> None:
+    """A ``head = "prompt"`` model's card names its prompt head's sizes (build_model took the default ones)."""
+    if config.head == "prompt":
+        config.extra["prompt_head"] = model.prompt_head.config.to_dict()
 
 
 def _drd_extra(args: argparse.Namespace, model: Any, card: Any) -> Any:
@@ -231,7 +242,11 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
 
             metrics = evaluate_point_prompts(model, ds, dev, args.max_images)
         else:
-            if args.mask_head == "prompt":
+            own = card.architecture.get("head", "maskrcnn")  # load_model gives a prompt-head model wrapped already
+            if args.mask_head == "maskrcnn" and own == "prompt":
+                raise InputError(f"{args.model}: has no Mask R-CNN mask head (its masks come from its prompt head, "
+                                 "head = prompt): leave out --mask-head")
+            if args.mask_head == "prompt" and own != "prompt":
                 if not hasattr(model, "prompt_head"):
                     raise InputError(f"{args.model}: has no prompt head (rs-train prompt-head trains one)")
                 from rs_engine.models.prompter import PromptHeadInstances
@@ -255,8 +270,9 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
                          "--class-field F")
     if args.record:
         card = read_card(args.model)
+        other_head = args.mask_head == "prompt" and card.architecture.get("head") != "prompt"
         kind = ("-box-prompts" if args.box_prompts else "-point-prompts" if args.point_prompts
-                else "-prompt-head" if args.mask_head == "prompt" else "")
+                else "-prompt-head" if other_head else "")
         split = f"{args.record}{kind}"  # never over the AP record
         card.provenance.setdefault("metrics", {})[split] = {**metrics, "data": data, "command": command_line()}
         update_card(args.model, card)

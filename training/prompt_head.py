@@ -277,7 +277,7 @@ def run(args: argparse.Namespace, report: Callable[[dict], None]) -> dict[str, A
 
     Raises:
         InputError: unequal numbers of --coco and --images, a chip size that is not a multiple of 32, a missing or
-            unreadable dataset or model.
+            unreadable dataset or model, a ``head = "prompt"`` model.
     """
     from training.commands import command_line, device, portable, train_config
 
@@ -288,6 +288,9 @@ def run(args: argparse.Namespace, report: Callable[[dict], None]) -> dict[str, A
         raise InputError(f"--chip-size {args.chip_size}: use a multiple of {PAD_MULTIPLE} px, at least 64")
     dev = device(args.device)
     model, card = load_model(args.model, "cpu")
+    if card.architecture.get("head") == "prompt":
+        raise InputError(f"{args.model}: has a prompt head as its mask head already, trained with it (head = "
+                         "prompt); rs-train prompt-head adds one to a Mask R-CNN model")
     spec = ChipSpec(args.chip_size, list(range(card.bands)), card.mean, card.std)
     sets = [CocoChips(c, i, spec, train=True, chips_per_image=args.chips_per_image, seed=args.seed)
             for c, i in zip(args.coco, args.images)]  # fmt: skip

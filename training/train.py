@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from rs_engine.checkpoint import ModelCard, save_model
 from training import distributed
 from training.distributed import Dist
 from training.loop import Task, run_loop
+
+if TYPE_CHECKING:
+    from training.prompt_head import PromptTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +180,14 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 def train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.Dataset, out: Path,
           cfg: TrainConfig, evaluate: Callable[[torch.nn.Module], dict] | None = None, device: str = "cpu",
-          progress: ProgressFn | None = None, extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
+          progress: ProgressFn | None = None, extra_loss: ExtraLoss | None = None,
+          prompts: PromptTrainConfig | None = None) -> dict[str, Any]:
     """Train ``model`` on ``train_set``; write the best model (by validation mask AP when ``evaluate`` is given,
     else the last) to ``out`` with its card; resume from ``out``'s resume file when one exists.
+
+    A ``head = "prompt"`` model (``card.architecture["head"]``) trains its prompt head as its mask head, jointly
+    (:class:`training.prompt_instances.PromptInstanceLoss`: the prompt head's loss instead of the FCN mask loss), and
+    ``evaluate`` gets it in :class:`~rs_engine.models.prompter.PromptHeadInstances` (masks from the prompt head).
 
     Under torchrun every process calls this with the same arguments; rank 0 evaluates and writes.
 
@@ -192,21 +200,30 @@ def train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.D
         extra_loss: ``extra_loss(model, images) -> scalar Tensor`` added to the Mask R-CNN losses at every step
             (e.g. :class:`training.distill.objective.DRDExtraLoss`); when it is an ``nn.Module`` its trainable
             parameters are optimised too and kept in the resume file (never in the model file).
+        prompts: a prompt-head model's training prompts (:func:`training.prompt_instances.joint_prompts` when None).
 
     Returns:
         the best metrics dict (also stored in ``card.provenance["metrics"]``); empty without ``evaluate``.
     """
     d = distributed.setup(device)
     try:
-        return _train(model, card, train_set, Path(out), cfg, evaluate, d, progress, extra_loss)
+        return _train(model, card, train_set, Path(out), cfg, evaluate, d, progress, extra_loss, prompts)
     finally:
         distributed.cleanup(d)
 
 
 def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.Dataset, out: Path,
            cfg: TrainConfig, evaluate: Callable | None, d: Dist, progress: ProgressFn | None,
-           extra_loss: ExtraLoss | None = None) -> dict[str, Any]:
+           extra_loss: ExtraLoss | None = None, prompts: PromptTrainConfig | None = None) -> dict[str, Any]:
     model.to(d.device)
+    net = scored = model  # what the loop calls; what evaluate scores
+    if card.architecture.get("head") == "prompt":  # RSPrompter-anchor: the prompt head's mask loss, jointly
+        from rs_engine.models.prompter import PromptHeadInstances
+        from training.prompt_instances import PromptInstanceLoss
+
+        net = PromptInstanceLoss(model, prompts, seed=cfg.seed * 1000 + d.rank)
+        scored = PromptHeadInstances(model)
+        card.provenance["prompts"] = asdict(net.prompts)
     if (n := apply_freeze(model, cfg)):
         log.info("froze %d parameter tensors (%s)", n, ", ".join(frozen_prefixes(model, cfg)))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -224,7 +241,7 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
         ap = box = float("nan")
         last = state["epoch"] == cfg.epochs or stopped
         if evaluate is not None and (state["epoch"] % cfg.eval_every == 0 or last) and not stopped:
-            metrics = evaluate(model)
+            metrics = evaluate(scored)
             model.train()
             ap, box = metrics["segm"]["AP"], metrics["bbox"]["AP"]
             if ap > state["best_ap"]:
@@ -243,7 +260,7 @@ def _train(model: torch.nn.Module, card: ModelCard, train_set: torch.utils.data.
         return over
 
     task = Task(
-        net=model, step=step, modules={"model": model, **({"extra": extra} if extra is not None else {})},
+        net=net, step=step, modules={"model": model, **({"extra": extra} if extra is not None else {})},
         params=params + extra_params, collate=collate, to_device=_to_device, end_epoch=end_epoch,
         hand_synced=extra_params,  # outside DDP's wrapper: the loop averages them
         state={"best_ap": -1.0, "best_epoch": 0, "metrics": {}}, stop_early=stop_early,

@@ -55,7 +55,10 @@ def build_model(config: ModelConfig) -> MaskRCNN:
 
     A heat backbone's stem follows its config (``"auto"``: the SAR stem for one band); ``config.extra["stem"]``
     ("optical" or "sar") overrides it. ``config.extra["prompt_head"]`` (a :class:`PromptHeadConfig` dict) adds
-    ``model.prompt_head`` (:mod:`rs_engine.models.prompt_head`).
+    ``model.prompt_head`` (:mod:`rs_engine.models.prompt_head`). ``config.head == "prompt"`` (RSPrompter-anchor,
+    arXiv 2306.16269) builds no FCN mask head (``roi_heads`` then gives no masks and trains no mask loss) and always
+    adds a prompt head (the default :class:`PromptHeadConfig` at the FPN's width when ``extra`` names none); its
+    masks come from :class:`rs_engine.models.prompter.PromptHeadInstances`, which ``load_model`` wraps it in.
 
     Raises:
         ValueError: unknown backbone name (from :class:`ModelConfig`) or stem kind.
@@ -93,10 +96,17 @@ def build_model(config: ModelConfig) -> MaskRCNN:
 
 
 def _with_prompt_head(model: MaskRCNN, c: ModelConfig) -> MaskRCNN:
-    if "prompt_head" in c.extra:  # the SAM-style head trained on this (frozen) detector, issue 16
-        from rs_engine.models.prompt_head import attach_prompt_head
+    if c.head == "prompt":
+        # The masks come from the prompt head: an FCN mask head would sit untrained in the model file. torchvision
+        # builds one whatever its arguments, so it is removed after (the other weights draw the same random numbers
+        # as a Mask R-CNN's of the same seed).
+        heads = model.roi_heads
+        heads.mask_roi_pool = heads.mask_head = heads.mask_predictor = None
+    if "prompt_head" in c.extra or c.head == "prompt":  # the SAM-style head of issue 16
+        from rs_engine.models.prompt_head import PromptHeadConfig, attach_prompt_head
 
-        attach_prompt_head(model, c.extra["prompt_head"])
+        config = c.extra.get("prompt_head") or PromptHeadConfig(fpn_channels=model.backbone.out_channels)
+        attach_prompt_head(model, config)
     return model
 
 

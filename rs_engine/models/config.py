@@ -161,6 +161,8 @@ BACKBONES: dict[str, SSMBackboneConfig | HeatBackboneConfig | EffNetBackboneConf
 
 # Not a selective-scan backbone: torchvision's ResNet-50-FPN Mask R-CNN, the usual choice, as a baseline.
 BASELINES = ("resnet50",)
+#: Instance mask heads (:attr:`ModelConfig.head`).
+INSTANCE_HEADS = ("maskrcnn", "prompt")
 
 
 @dataclass
@@ -179,6 +181,11 @@ class ModelConfig:
         box_score_thresh: minimum score kept by the box head at inference.
         representation_size: width of the box head's two-layer MLP.
         mask_head_convs: number of 3x3 convolutions in the mask head, each ``mask_head_channels`` wide.
+        head: the instance mask head, one of :data:`INSTANCE_HEADS`: ``"maskrcnn"``, torchvision's FCN mask head
+            on RoIAlign features; ``"prompt"``, RSPrompter-anchor (Chen et al. 2023, arXiv 2306.16269): masks
+            from the SAM-style prompt head (``extra["prompt_head"]``) prompted by the detected boxes, and no FCN
+            mask head (``rs_engine.models.prompter.PromptHeadInstances``).
+        extra: further settings (``"stem"``, ``"prompt_head"``: see :func:`rs_engine.models.build_model`).
     """
 
     backbone: str = "ssm_tiny"
@@ -193,6 +200,7 @@ class ModelConfig:
     representation_size: int = 512
     mask_head_channels: int = 128
     mask_head_convs: int = 4
+    head: str = "maskrcnn"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -201,10 +209,17 @@ class ModelConfig:
             raise ValueError(f"unknown backbone {self.backbone!r} (known: {known})")
         if self.in_channels < 1 or self.num_classes < 1:
             raise ValueError("in_channels and num_classes must be >= 1")
+        if self.head not in INSTANCE_HEADS:
+            raise ValueError(f"unknown instance head {self.head!r} (known: {', '.join(INSTANCE_HEADS)})")
         self.anchor_sizes = tuple(self.anchor_sizes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as a model card's ``architecture``; ``head`` only when it is not ``"maskrcnn"`` (absent means
+        Mask R-CNN), so Mask R-CNN cards stay as they were and engines older than the key still read them."""
+        data = dataclasses.asdict(self)
+        if data["head"] == "maskrcnn":
+            del data["head"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:

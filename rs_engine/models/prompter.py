@@ -17,9 +17,12 @@ The score is the box head's foreground probability of the chosen box: the head's
 object of that class, not a predicted IoU.
 
 :class:`SAMPrompter` answers the same calls with a model's SAM-style prompt head (:mod:`rs_engine.models.prompt_head`,
-class-agnostic, trained on the frozen detector): the embedding adds the head's image embedding, a prompt runs only
-SAM's prompt encoder and mask decoder, the score is the decoder's predicted IoU, and the class is the box head's on
-the mask's bounding box. :func:`prompter_for` picks the prompter a model supports.
+class-agnostic, trained on the frozen detector or with it): the embedding adds the head's image embedding, a prompt
+runs only SAM's prompt encoder and mask decoder, the score is the decoder's predicted IoU, and the class is the box
+head's on the mask's bounding box. :func:`prompter_for` picks the prompter a model supports.
+
+:class:`PromptHeadInstances` makes the prompt head a model's instance mask head (RSPrompter-anchor): the detector's
+boxes are its prompts. ``load_model`` gives a ``head = "prompt"`` model in it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from scipy import ndimage
 from torchvision.models.detection.image_list import ImageList
 
 from rs_engine.models.paste import paste_masks
-from rs_engine.models.prompt_head import pad_window, upscale
+from rs_engine.models.prompt_head import PAD_MULTIPLE, pad_window, upscale
 
 #: Side lengths (px) and aspect ratios (h / w) of the boxes centred on a click, added to the RPN's proposals so
 #: that an object the RPN missed (the reason to click) still gets candidates.
@@ -261,8 +264,10 @@ class SAMPrompter(MaskRCNNPrompter):
 
 
 def prompter_for(model: torch.nn.Module) -> MaskRCNNPrompter:
-    """The prompter a model supports: :class:`SAMPrompter` when it has a prompt head, else
-    :class:`MaskRCNNPrompter`."""
+    """The prompter a model supports: :class:`SAMPrompter` when it has a prompt head (a ``head = "prompt"`` model
+    as ``load_model`` gives it, :class:`PromptHeadInstances`, is unwrapped), else :class:`MaskRCNNPrompter`."""
+    if isinstance(model, PromptHeadInstances):
+        model = model.model
     return SAMPrompter(model) if hasattr(model, "prompt_head") else MaskRCNNPrompter(model)
 
 
@@ -295,28 +300,82 @@ def _parts_at(mask: np.ndarray, points: np.ndarray, threshold: float = 0.5) -> n
 
 
 class PromptHeadInstances(torch.nn.Module):
-    """RSPrompter-anchor's instance head (arXiv 2306.16269, Fig. 3): the detector's boxes, classes and scores, with
-    masks from its prompt head prompted by those boxes instead of the Mask R-CNN mask head's.
+    """RSPrompter-anchor's instance head (Chen et al. 2023, "RSPrompter", arXiv 2306.16269, the anchor-based
+    variant, Fig. 3): the detector's boxes, classes and scores (its RPN and RoI box head), with masks from its prompt
+    head prompted by those boxes instead of from a Mask R-CNN mask head. The boxes enter as box prompts through SAM's
+    prompt encoder (RSPrompter-anchor turns each RoI's pooled features into prompt tokens instead).
 
-    Called as the detector is (``list of (C, H, W) normalised tensors -> list of dicts``, eval mode); each image's
-    features are computed a second time for the head (inference and evaluation only). ``transform`` and
-    ``roi_heads`` are the detector's, so callers that tune them (score threshold, no resizing) work unchanged.
+    Called as the detector is, in eval mode: a list of normalised (C, H, W) tensors -> a list of dicts with ``boxes``
+    (K, 4) x1 y1 x2 y2 px, ``labels`` (K,) 1..num_classes, ``scores`` (K,) 0-1 and ``masks`` (K, 1, H, W)
+    probabilities (the head's single output per box, upsampled bilinearly from stride 4). One backbone pass serves
+    the detector and the head. ``transform``, ``backbone``, ``rpn``, ``roi_heads`` and ``prompt_head`` are the
+    detector's, so callers that tune them (score threshold, no resizing) or read its features work unchanged.
 
     Args:
-        model: a Mask R-CNN with ``prompt_head`` (``rs-train prompt-head``).
+        model: a Mask R-CNN with ``prompt_head``: a ``head = "prompt"`` model (``rs-train train --head prompt``,
+            trained jointly, no FCN mask head), or one with a head trained on it frozen (``rs-train prompt-head``,
+            whose FCN mask head's masks are dropped). Not registered twice: only ``model.*`` is in the state dict.
+
+    Raises:
+        AttributeError: the model has no prompt head.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
+        if not hasattr(model, "prompt_head"):
+            raise AttributeError("PromptHeadInstances: the model has no prompt head")
         self.model = model
-        self.prompter = SAMPrompter(model)
-        self.transform, self.roi_heads = model.transform, model.roi_heads
+
+    # Read-through (properties, so the detector's modules are not registered a second time under this module).
+    transform = property(lambda self: self.model.transform)
+    backbone = property(lambda self: self.model.backbone)
+    rpn = property(lambda self: self.model.rpn)
+    roi_heads = property(lambda self: self.model.roi_heads)
+    prompt_head = property(lambda self: self.model.prompt_head)
 
     @torch.inference_mode()
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        outputs = self.model(images)
-        for image, out in zip(images, outputs, strict=True):
-            if len(out["boxes"]):
-                emb = self.prompter.embed(image)
-                out["masks"] = self.prompter.box_masks(emb, out["boxes"], out["labels"])[0][:, None]
-        return outputs
+        m = self.model
+        sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        batch, _ = m.transform(images)  # as GeneralizedRCNN.forward: normalise, resize, pad to a multiple of 32
+        features = m.backbone(batch.tensors)
+        proposals, _ = m.rpn(batch, features)
+        detections, _ = m.roi_heads(features, proposals, batch.image_sizes)
+        embedding = m.prompt_head.embed(features)  # (B, D, H'/16, W'/16); per-pixel LayerNorm: per image
+        masks = []
+        for i, (det, (h, w)) in enumerate(zip(detections, batch.image_sizes, strict=True)):
+            det.pop("masks", None)  # a frozen-head model's FCN masks, replaced by the prompt head's
+            grid = (-(-h // PAD_MULTIPLE) * 2, -(-w // PAD_MULTIPLE) * 2)  # this image's cells in the padded batch
+            masks.append(box_prompt_masks(m.prompt_head, embedding[i:i + 1, :, : grid[0], : grid[1]], (h, w),
+                                          det["boxes"]))  # fmt: skip
+        detections = m.transform.postprocess(detections, batch.image_sizes, sizes)
+        for det, mask, size in zip(detections, masks, sizes, strict=True):
+            if tuple(mask.shape[-2:]) != size:  # the transform resized the image: back to its own pixels
+                mask = F.interpolate(mask, size=size, mode="bilinear", align_corners=False)
+            det["masks"] = mask
+        return detections
+
+
+def box_prompt_masks(head: torch.nn.Module, embedding: torch.Tensor, size: tuple[int, int],
+                     boxes: torch.Tensor) -> torch.Tensor:
+    """The prompt head's single-output masks for box prompts in one window, decoded :data:`BOX_CHUNK` at a time.
+
+    Args:
+        head: a :class:`~rs_engine.models.prompt_head.PromptHead`.
+        embedding: (1, D, h, w) its image embedding of the window padded to (16 h, 16 w) px.
+        size: (H, W) the window before padding, px.
+        boxes: (K, 4) x1 y1 x2 y2 window px; K may be 0.
+
+    Returns:
+        (K, 1, H, W) mask probabilities.
+
+    Raises:
+        ValueError: as :meth:`PromptHead.forward` (a size the embedding's grid does not cover).
+    """
+    if not len(boxes):
+        return embedding.new_zeros((0, 1, *size))
+    out = []
+    for chunk in boxes.split(BOX_CHUNK):  # the decoder's memory grows with prompts x window pixels
+        logits, _ = head(embedding, size, boxes=chunk)
+        out.append(upscale(logits, size).sigmoid())
+    return torch.cat(out)
