@@ -95,8 +95,8 @@ torch.set_num_threads(1)
 w, dataset, tm, dm = sys.argv[1:5]
 print(f"{dataset}: {tm} min of training per row (+ {dm} min of distillation for distill and drd), 1 thread; "
       "held-out training images")
-print("| row | seed | val mask AP | AP50 | box AP | params (M) | body GFLOPs 1024 px | body s / 512 px tile |")
-print("|---|---|---|---|---|---|---|---|")
+print("| row | seed | steps | val mask AP | AP50 | box AP | params (M) | body GFLOPs 1024 px | body s / 512 px tile |")
+print("|---|---|---|---|---|---|---|---|---|")
 for row in ("scratch", "teacher", "hybrid", "hybrid-prompt", "distill", "drd", "distill-frozen", "drd-frozen"):
     for path in sorted(glob.glob(f"{w}/{row}.seed*.val.json")):
         seed = path.split(".seed")[1].split(".")[0]
@@ -112,6 +112,6 @@ for row in ("scratch", "teacher", "hybrid", "hybrid-prompt", "distill", "drd", "
             sec = (time.perf_counter() - t) / 3
         f = count_flops(model, 1024, card.bands)
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"| {row} | {seed} | {r['segm']['AP']} | {r['segm']['AP50']} | {r['bbox']['AP']} | {params:.1f} "
+        print(f"| {row} | {seed} | {card.provenance.get('steps', '-')} | {r['segm']['AP']} | {r['segm']['AP50']} | {r['bbox']['AP']} | {params:.1f} "
               f"| {f['backbone_gflops']:.1f} | {sec:.2f} |")
 PYEOF
