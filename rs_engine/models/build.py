@@ -164,7 +164,8 @@ def count_flops(model: MaskRCNN | nn.Module, size: int, in_channels: int = 3) ->
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = model.backbone.body if isinstance(model, MaskRCNN) else model
+    # A detector (Mask R-CNN, or one wrapped with its prompt head as instance head) or a body itself.
+    net = model.backbone.body if hasattr(getattr(model, "backbone", None), "body") else model
     x = torch.zeros(1, in_channels, size, size)
     for m in net.modules():
         if isinstance(m, HeatBackbone) and not m.training:
