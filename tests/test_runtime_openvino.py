@@ -170,3 +170,24 @@ def test_bad_openvino_settings_are_one_line_errors(tmp_path, capsys, monkeypatch
         rt.load_predictor("nwpu10", runtime="openvino", device="cuda")
     with pytest.raises(InputError, match="runs with --runtime torch, not openvino"):
         rt.load_predictor(bundled_models(".safetensors")["nwpu10"], runtime="openvino")
+
+
+@needs_openvino
+def test_compiled_models_are_cached_where_asked(tmp_path, monkeypatch):
+    """Default: the user cache (as the fused scan kernel); DELINEATE_OPENVINO_CACHE moves it, ``off`` disables it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(rt.CACHE_ENV, raising=False)
+    assert rt.openvino_cache_dir() == str(tmp_path / "xdg" / "delineate" / "openvino")
+    monkeypatch.setenv(rt.CACHE_ENV, "off")
+    assert rt.openvino_cache_dir() is None
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "ov"))
+    monkeypatch.setenv(rt.PRECISION_ENV, "f32")
+    rt._compiled.cache_clear()  # compile again in this process, not the test module's compiled model
+    try:
+        rt.load_predictor("nwpu10", runtime="openvino", device="cpu", threads=1)
+    finally:
+        rt._compiled.cache_clear()
+    assert any(p.stat().st_size > 1_000_000 for p in (tmp_path / "ov").iterdir())  # the compiled blob
+    (tmp_path / "ro").write_text("a file where the folder should be")
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "ro" / "sub"))
+    assert rt.openvino_cache_dir() is None  # cannot be made: compile every run, no error
