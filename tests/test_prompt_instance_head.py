@@ -169,6 +169,11 @@ def test_load_model_and_predictor_give_prompt_head_masks(run: dict[str, Any]) ->
     sam = prompter_for(model)
     assert isinstance(sam, SAMPrompter)
     assert torch.allclose(out["masks"][:, 0], sam.box_masks(sam.embed(image), out["boxes"])[0], atol=1e-5)
+    # --input-scale 2 (the prompt head's stride-4 masks at twice the resolution): results at the image's own size
+    before = model.transform.min_size, model.transform.max_size
+    big = predict_image(model, image, scale=2.0)
+    assert big["masks"].shape[1:] == (1, 128, 128) and float(big["boxes"].max()) <= 128
+    assert (model.transform.min_size, model.transform.max_size) == before  # left as it was
     predictor, _ = load_predictor(run["out"], "torch", "cpu")
     assert isinstance(predictor, TorchPredictor) and isinstance(predictor.model, PromptHeadInstances)
     predictor.set_score_threshold(0.0)
@@ -190,6 +195,9 @@ def test_evaluate_export_and_prompt_head_refusals(run: dict[str, Any]) -> None:
     r = rs_train("evaluate", "--model", run["out"], "--coco", run["ann"], "--images", SSDD / "images",
                  "--mask-head", "maskrcnn")
     assert r.returncode == 2 and "has no Mask R-CNN mask head" in r.stderr, r.stderr
+    r = rs_train("evaluate", "--model", run["out"], "--coco", run["ann"], "--images", SSDD / "images",
+                 "--input-scale", "0")
+    assert r.returncode == 2 and "--input-scale 0.0: use a positive factor" in r.stderr, r.stderr
     with pytest.raises(InputError, match="prompt head"):
         export_onnx(run["out"], run["tmp"] / "m.onnx")
     assert not (run["tmp"] / "m.onnx").exists()

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "by one point per object (the interior-most pixel of its truth mask) instead of AP")
     e.add_argument("--device", default="auto")
     e.add_argument("--max-images", type=int)
+    e.add_argument("--input-scale", type=float, default=1.0, metavar="S", help="with --coco (AP): resize each image "
+                   "by S before predicting (boxes and masks scored at its own size); default 1")
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.add_argument("--record", metavar="SPLIT", help="store the metrics in the model card's provenance under "
                    "metrics[SPLIT] (e.g. test); the model must be a file path")

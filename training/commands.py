@@ -242,6 +242,8 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
 
             metrics = evaluate_point_prompts(model, ds, dev, args.max_images)
         else:
+            if not args.input_scale > 0:
+                raise InputError(f"--input-scale {args.input_scale}: use a positive factor (1: images as they are)")
             own = card.architecture.get("head", "maskrcnn")  # load_model gives a prompt-head model wrapped already
             if args.mask_head == "maskrcnn" and own == "prompt":
                 raise InputError(f"{args.model}: has no Mask R-CNN mask head (its masks come from its prompt head, "
@@ -252,7 +254,7 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
                 from rs_engine.models.prompter import PromptHeadInstances
 
                 model = PromptHeadInstances(model)
-            metrics = evaluate_coco(model, ds, device=dev, max_images=args.max_images)
+            metrics = evaluate_coco(model, ds, device=dev, max_images=args.max_images, scale=args.input_scale)
         data: Any = portable(args.coco)
     elif args.box_prompts or args.point_prompts:
         raise InputError(f"--{'box' if args.box_prompts else 'point'}-prompts needs --coco ANN.json --images DIR")
@@ -273,6 +275,7 @@ def run_evaluate(args: argparse.Namespace, report: Callable[[dict], None]) -> di
         other_head = args.mask_head == "prompt" and card.architecture.get("head") != "prompt"
         kind = ("-box-prompts" if args.box_prompts else "-point-prompts" if args.point_prompts
                 else "-prompt-head" if other_head else "")
+        kind += f"-x{args.input_scale:g}" if args.input_scale != 1 else ""
         split = f"{args.record}{kind}"  # never over the AP record
         card.provenance.setdefault("metrics", {})[split] = {**metrics, "data": data, "command": command_line()}
         update_card(args.model, card)

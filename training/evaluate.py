@@ -21,12 +21,13 @@ STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"]
 
 
 @torch.inference_mode()
-def predict_image(model: torch.nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run a Mask R-CNN on one whole (C, H, W) normalised image at its own size (padded to a multiple of 32)."""
+def predict_image(model: torch.nn.Module, image: torch.Tensor, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Run a Mask R-CNN on one whole (C, H, W) normalised image at its own size (padded to a multiple of 32), or
+    resized by ``scale`` (bilinear, by torchvision's transform; boxes and masks come back at the image's size)."""
     h, w = image.shape[-2:]
     t = model.transform
     old = (t.min_size, t.max_size)
-    t.min_size, t.max_size = (min(h, w),), max(h, w)  # scale factor 1: no resizing
+    t.min_size, t.max_size = (round(min(h, w) * scale),), round(max(h, w) * scale)  # scale 1: no resizing
     try:
         return model([image])[0]
     finally:
@@ -34,8 +35,9 @@ def predict_image(model: torch.nn.Module, image: torch.Tensor) -> dict[str, torc
 
 
 def evaluate_coco(model: torch.nn.Module, dataset: CocoChips, device: str = "cpu",
-                  max_images: int | None = None, score_threshold: float = 0.0) -> dict[str, Any]:
-    """COCO metrics of ``model`` on ``dataset`` (mask and box AP, AP50, AP75, AP small/medium/large).
+                  max_images: int | None = None, score_threshold: float = 0.0, scale: float = 1.0) -> dict[str, Any]:
+    """COCO metrics of ``model`` on ``dataset`` (mask and box AP, AP50, AP75, AP small/medium/large), each image
+    predicted whole, resized by ``scale`` (:func:`predict_image`; 1: as it is).
 
     Returns:
         ``{"segm": {name: value}, "bbox": {...}, "images": n}`` as :func:`coco_metrics`.
@@ -47,7 +49,7 @@ def evaluate_coco(model: torch.nn.Module, dataset: CocoChips, device: str = "cpu
     results: list[dict[str, Any]] = []
     for image_id in ids:
         img = (torch.from_numpy(dataset.load_image(image_id)) - mean) / std
-        out = predict_image(model, img.to(device))
+        out = predict_image(model, img.to(device), scale)
         keep = out["scores"] >= score_threshold
         masks = (out["masks"][keep, 0] > 0.5).cpu().numpy().astype(np.uint8)
         for box, label, score, m in zip(out["boxes"][keep].tolist(), out["labels"][keep].tolist(),
