@@ -88,12 +88,13 @@ def run_one(spec: str, args: argparse.Namespace, paths: list[Path], out: Path, c
 def score(pred, coco: dict, images: list[dict], class_names: list[str]) -> dict:
     """COCO mask and box AP of the pipeline's polygons (pixel frame x = column, y = -row) on the test images."""
     from affine import Affine
-    from pycocotools import mask as mask_utils
     from rasterio.features import rasterize
 
-    from training.evaluate import _coco_eval
+    from training.evaluate import _coco_eval, _rle
 
     cat_by_name = {c["name"]: c["id"] for c in coco["categories"]}
+    if not set(class_names) <= set(cat_by_name):  # before any row's class is looked up
+        raise SystemExit(f"the model's classes {class_names} are not the dataset's")
     pixel_frame = Affine(1, 0, 0, 0, -1, 0)
     results = []
     by_source = {Path(i["file_name"]).name: i for i in images}
@@ -102,13 +103,9 @@ def score(pred, coco: dict, images: list[dict], class_names: list[str]) -> dict:
         m = rasterize([row.geometry], out_shape=(im["height"], im["width"]), transform=pixel_frame, dtype=np.uint8)
         if not m.any():
             continue
-        rle = mask_utils.encode(np.asfortranarray(m))
-        rle["counts"] = rle["counts"].decode("ascii")
         x0, y0, x1, y1 = row.geometry.bounds  # y is -row
         results.append({"image_id": im["id"], "category_id": cat_by_name[row.class_name], "score": row.score,
-                        "segmentation": rle, "bbox": [x0, -y1, x1 - x0, y1 - y0]})
-    if not set(class_names) <= set(cat_by_name):
-        raise SystemExit(f"the model's classes {class_names} are not the dataset's")
+                        "segmentation": _rle(m), "bbox": [x0, -y1, x1 - x0, y1 - y0]})
     ids = {i["id"] for i in images}
     gt = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
     metrics = _coco_eval(gt, results, sorted(ids))
