@@ -175,6 +175,14 @@ static inline __attribute__((always_inline)) void block_forward(
         *(v8f *)h = h0;
         *(v8f *)(h + 8) = h1;
         row_sums8(part, m, y);
+    } else if (N == 8) {  /* the hybrid models' dstate: the state is one 8-lane vector */
+        v8f h0 = *(v8f *)h;
+        for (int64_t t = 0; t < m; t++) {
+            h0 = *(const v8f *)(a + t * 8) * h0 + dtu[t] * *(const v8f *)(Bt + t * 8);
+            *(v8f *)(part + 8 * t) = h0 * *(const v8f *)(Ct + t * 8);
+        }
+        *(v8f *)h = h0;
+        row_sums8(part, m, y);
     } else {
         for (int64_t t = 0; t < m; t++) {
             float w = dtu[t];
@@ -222,8 +230,11 @@ void scan_fwd(int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t G, int64
         for (int64_t i = 0; i < batch * G * tpg; i++) {
             Tile T = tile_at(i, G, dpg, tpg, 1);
             float *hs = work + WORK_FLOATS(N) - CT * N;
-            if (N == 16)  /* the common dstate: a constant trip count vectorises without remainder loops */
+            if (N == 16)  /* the common dstates: a constant trip count vectorises without remainder loops */
                 tile_forward(16, T, dim, L, G, blk, u, delta, A, Bm, Cm, D, z, bias, softplus, out, last, ckpt,
+                             hs, work);
+            else if (N == 8)
+                tile_forward(8, T, dim, L, G, blk, u, delta, A, Bm, Cm, D, z, bias, softplus, out, last, ckpt,
                              hs, work);
             else
                 tile_forward(N, T, dim, L, G, blk, u, delta, A, Bm, Cm, D, z, bias, softplus, out, last, ckpt,
@@ -337,6 +348,9 @@ void scan_bwd(int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t G, int64
             Tile T = tile_at(i, G, dpg, tpg, 0);
             if (N == 16)
                 tile_backward(16, T, batch, dim, L, G, blk, u, delta, A, Bm, Cm, D, z, bias, softplus, ckpt, gout,
+                              glast, du, ddelta, dz, dA, dB + tid * acc, dC + tid * acc, dD, dbias, lams, work);
+            else if (N == 8)
+                tile_backward(8, T, batch, dim, L, G, blk, u, delta, A, Bm, Cm, D, z, bias, softplus, ckpt, gout,
                               glast, du, ddelta, dz, dA, dB + tid * acc, dC + tid * acc, dD, dbias, lams, work);
             else
                 tile_backward(N, T, batch, dim, L, G, blk, u, delta, A, Bm, Cm, D, z, bias, softplus, ckpt, gout,

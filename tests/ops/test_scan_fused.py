@@ -1,7 +1,7 @@
 """The fused CPU selective scan (C kernel, ``rs_engine/ops/scan_fused_cpu.c``) against the float64 reference.
 
 Forward, last state and every gradient in float32 against :func:`selective_scan_ref` in float64, over the shapes
-that exercise the kernel's edges: dstate 16 (its vector path) and others, L shorter and longer than a block (64)
+that exercise the kernel's edges: dstate 16 and 8 (its vector paths) and others, L shorter and longer than a block (64)
 and not a multiple of it, grouped B/C with channel tiles (16) that do not divide a group, batch > 1, two threads
 (per-thread dB/dC accumulators). Then the build: a cached library, ``DELINEATE_SCAN=chunked`` and a machine with
 no C compiler fall back to the chunked scan with a status line that says why.
@@ -25,7 +25,8 @@ SHAPES = [
     (1, 6, 3, 1, None),  # a single token
     (2, 40, 16, 150, 2),  # dstate 16 (vector path), 20 channels per group: tiles of 16 and 4, 3 blocks
     (3, 4, 16, 64, None),  # exactly one block
-    (1, 16, 8, 301, 4),  # longer, grouped, odd L
+    (1, 16, 8, 301, 4),  # dstate 8 (vector path), longer, grouped, odd L
+    (2, 40, 8, 150, 2),  # dstate 8, tiles of 16 and 4, 3 blocks
     (1, 24, 16, 257, 3),  # dstate 16, a last block of one token
 ]
 IDS = ["b{}d{}n{}L{}g{}".format(*s) for s in SHAPES]
