@@ -121,9 +121,13 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
     else:
         # "torch-chunked": PyTorch with the chunked scan in place of the fused C kernel (DELINEATE_SCAN=chunked);
         # "RUNTIME:sN": with --streams N (concurrent batches; default: one per thread)
+        # "openvino-graph": OpenVINO with the exported standard-operator scan (DELINEATE_OPENVINO_SCAN=graph)
         spec, _, streams = runtime.partition(":s")
-        rt = spec.removesuffix("-chunked")
-        env = {**env, "DELINEATE_SCAN": "chunked"} if rt != spec else env
+        rt = spec.removesuffix("-chunked").removesuffix("-graph")
+        if spec.endswith("-chunked"):
+            env = {**env, "DELINEATE_SCAN": "chunked"}
+        elif spec.endswith("-graph"):
+            env = {**env, "DELINEATE_OPENVINO_SCAN": "graph"}
         cmd = segment_cmd(raster, model, gpkg, tile, overlap, batch, rt) + (["--streams", streams] if streams else [])
     r = run_measured(cmd, timeout, env=env)
     done = last_json(r["stdout"]) or {}
@@ -133,8 +137,9 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
     if r["rc"] == 0:
         rec["mpx_per_s"] = round(mpx / r["seconds"], 4)
         rec["objects"] = done.get("features")
-        if done.get("precision"):  # OpenVINO's inference precision (bf16 on CPUs that have it)
-            rec["precision"] = done["precision"]
+        for key in ("precision", "scan"):  # OpenVINO's inference precision (bf16 where the CPU has it) and scan
+            if done.get(key):
+                rec[key] = done[key]
     elif r["timed_out"]:
         # The kernel's high-water mark still holds for the part that ran: report how far it got.
         prog = [json.loads(line) for line in r["stdout"].splitlines() if line.startswith('{"event": "progress"')]
@@ -194,7 +199,8 @@ def main() -> None:
     ap.add_argument("--runtimes", default=default_runtimes(),
                     help="runtimes the default model is timed in (end to end), each in its own run (default: torch, "
                          "onnx and openvino where installed); torch-chunked: "
-                         "PyTorch with the chunked scan instead of the fused C kernel; RUNTIME:sN: with --streams N")
+                         "PyTorch with the chunked scan instead of the fused C kernel; openvino-graph: OpenVINO with "
+                         "the exported standard-operator scan; RUNTIME:sN: with --streams N")
     args = ap.parse_args()
     side = 512 if args.quick else args.side
     stream = [256, 512] if args.quick else [int(s) for s in args.stream_sides.split(",")]
@@ -278,8 +284,10 @@ def _table(rec: dict) -> str:
 
 
 def _runtime(r: dict) -> str:
-    """The runtime of a record, with its precision where the engine reported one (``openvino (bf16)``)."""
-    return r.get("runtime", "torch") + (f" ({r['precision']})" if r.get("precision") else "")
+    """The runtime of a record, with its precision and scan where the engine reported them
+    (``openvino (bf16, fused scan)``)."""
+    extra = ", ".join(v for v in (r.get("precision"), r.get("scan") and f"{r['scan']} scan") if v)
+    return r.get("runtime", "torch") + (f" ({extra})" if extra else "")
 
 
 def _spread(r: dict) -> str:

@@ -13,8 +13,9 @@ profiles three. Writes ``profile_<model>.txt``: time by
 stage (backbone body, FPN, RPN, RoI heads) from ``record_function`` ranges, and the top operators by self CPU time.
 ``--runtime onnx`` profiles the bundled ``.onnx`` form with ONNX Runtime's profiler instead (time by operator type,
 ``profile_<model>_onnx.txt``); ``--runtime openvino`` with OpenVINO's per-node performance counters (time by
-operator type and by the kernel it chose, which names the precision: ``profile_<model>_openvino.txt``; precision
-as ``rs-engine segment`` runs it, ``DELINEATE_OPENVINO_PRECISION`` to change it).
+operator type and by the kernel it chose, which names the precision: ``profile_<model>_openvino_<scan>.txt``;
+precision and scan as ``rs-engine segment`` runs them, ``DELINEATE_OPENVINO_PRECISION`` and
+``DELINEATE_OPENVINO_SCAN=fused|graph`` to change them).
 """
 
 from __future__ import annotations
@@ -147,13 +148,25 @@ def _profile_openvino(args: argparse.Namespace) -> None:
     from rasterio.windows import Window
 
     from rs_engine.card import read_card
-    from rs_engine.runtime import _restore_empty_branches, model_file, openvino_precision
+    from rs_engine.runtime import model_file
+    from rs_engine.runtime_openvino import (
+        _openvino_core,
+        fused_scan_graph,
+        openvino_precision,
+        openvino_scan,
+        read_model,
+    )
 
     path = model_file(args.model, "openvino")
     card = read_card(path)
-    core = ov.Core()
-    model = core.read_model(str(path))
-    _restore_empty_branches(model)  # the network rs-engine segment --runtime openvino runs
+    graph, scan = path, openvino_scan()  # the network rs-engine segment --runtime openvino runs
+    if scan == "fused":
+        graph, why = fused_scan_graph(path, card)
+        if graph is None:
+            print(f"fused scan unavailable ({why}): profiling the exported scan")
+            graph, scan = path, "graph"
+    core = _openvino_core()
+    model = read_model(graph, scan == "fused", args.threads)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": True}
     if openvino_precision():
         config["INFERENCE_PRECISION_HINT"] = openvino_precision()
@@ -173,7 +186,8 @@ def _profile_openvino(args: argparse.Namespace) -> None:
             by_kernel[info.exec_type] += us
     total = sum(by_op.values())
     lines = [f"model {args.model} (OpenVINO {ov.__version__.split('-')[0]}, precision {precision}), 512 px tile, "
-             f"{args.threads} threads, {len(out[compiled.output('scores')])} detections; node time over {runs} runs "
+             f"{args.threads} threads, scan {scan}, {len(out[compiled.output('scores')])} detections; node time over "
+             f"{runs} runs "
              f"(after a warm-up): {total / runs / 1e3:.0f} ms per run", "",
              "| operator | ms per run | share |", "|---|---|---|"]
     lines += [f"| {op} | {d / runs / 1e3:.0f} | {100 * d / total:.1f}% |" for op, d in by_op.most_common(15)]
@@ -181,7 +195,7 @@ def _profile_openvino(args: argparse.Namespace) -> None:
     lines += [f"| {k} | {d / runs / 1e3:.0f} | {100 * d / total:.1f}% |" for k, d in by_kernel.most_common(10)]
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"profile_{Path(args.model).stem}_openvino.txt").write_text(text + "\n")
+    (args.out / f"profile_{Path(args.model).stem}_openvino_{scan}.txt").write_text(text + "\n")
     print(text)
 
 

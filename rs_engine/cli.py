@@ -3,7 +3,7 @@
 Exit codes (DESIGN.md): 0 done; 2 bad input or usage (one line on stderr, no traceback); 1 internal error;
 130 cancelled (Ctrl-C or SIGTERM). With ``--progress jsonl`` every event is also one JSON object per line on
 stdout: ``{"event": "progress", "done": k, "total": n}``, then ``{"event": "done", "output": ..., "features": n,
-"runtime": ...}`` (and ``"precision"`` where the runtime reports it: OpenVINO),
+"runtime": ...}`` (and ``"precision"`` and ``"scan"`` where the runtime reports them: OpenVINO),
 ``{"event": "error", "message": ...}`` or ``{"event": "cancelled"}`` (as ``rs-train`` reports it); with
 ``--scheduler`` first ``{"event": "cluster", "scheduler": ..., "threads": n, "dashboard": URL or null}``.
 """
@@ -252,10 +252,10 @@ def _segment(args: argparse.Namespace, emit: _Emitter) -> int:
         if bar is not None:
             bar.close()
     if args.progress == "jsonl":
-        extra = {"precision": result.precision} if result.precision else {}
+        extra = {k: v for k, v in (("precision", result.precision), ("scan", result.scan)) if v}
         emit.event(event="done", output=str(result.output), features=result.features, runtime=result.runtime, **extra)
     else:
-        ran = ", ".join(v for v in (result.runtime, result.precision) if v)
+        ran = ", ".join(v for v in (result.runtime, result.precision, result.scan and f"{result.scan} scan") if v)
         print(f"{result.output}: {result.features} instances from {result.tiles} tiles in {result.seconds:.1f} s"
               + (f" ({ran})" if ran else ""))
     return EXIT_OK

@@ -14,6 +14,7 @@ the ``Cast`` nodes at session creation, so the file is half the size and inferen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -39,6 +40,7 @@ def export_onnx(
     min_score: float | None = None,
     half: bool = True,
     overwrite: bool = False,
+    scan_op: bool = False,
 ) -> Path:
     """Export a model (bundled name or ``.safetensors`` path) as ONNX to ``out``; returns ``out``.
 
@@ -48,6 +50,9 @@ def export_onnx(
             ``score_threshold``. ``segment --score-threshold`` can raise it, not lower it.
         half: store weights as float16 (computed in float32).
         overwrite: replace an existing ``out``.
+        scan_op: trace each selective scan as one ``delineate::SelectiveScan`` node
+            (:func:`rs_engine.ops.scan_export.selective_scan_custom_op`): the graph OpenVINO runs with the fused C
+            kernel (:mod:`rs_engine.runtime_openvino`); ONNX Runtime cannot run it.
 
     Raises:
         InputError: unknown or unreadable model, a model whose masks come from a prompt head (``head = "prompt"``),
@@ -57,6 +62,7 @@ def export_onnx(
     import torch
 
     from rs_engine.checkpoint import load_model
+    from rs_engine.ops.scan_export import custom_op_export
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -83,7 +89,8 @@ def export_onnx(
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
-        _trace(model, image, tmp, spec)
+        with custom_op_export() if scan_op else contextlib.nullcontext():
+            _trace(model, image, tmp, spec)
         _finish(tmp, card.to_json(), half)
         umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual permissions
         os.umask(umask)

@@ -89,6 +89,7 @@ class SegmentResult:
     crs: str | None = None  # output CRS as WKT, None without georeferencing
     runtime: str | None = None  # the runtime that predicted (torch, onnx, openvino); None: a caller's predictor
     precision: str | None = None  # the inference precision where the runtime reports it (OpenVINO: f32, bf16, f16)
+    scan: str | None = None  # how OpenVINO ran the selective scans: fused (the C kernel) or graph (exported operators)
 
 
 def segment(
@@ -160,7 +161,7 @@ def segment(
     scheduler = None
     # What predicted, for the run's report: the loaded runtime's name and precision, unknown for a caller's
     # predictor; on a cluster the chosen runtime (each worker loads its own).
-    ran, precision = (runtime, None) if predictor is None else (None, None)
+    ran, precision, scan = (runtime, None, None) if predictor is None else (None, None, None)
     if options.scheduler is not None:
         from rs_engine import distributed  # Dask is an extra: imported only when asked for
 
@@ -185,7 +186,7 @@ def segment(
                     streams, threads = stream_plan(options.threads, options.streams, options.device)
                     loaded, card = load_predictor(options.model, runtime, options.device, threads, streams)
                     run.card, ran = card, getattr(loaded, "runtime", runtime)
-                    precision = getattr(loaded, "precision", None)
+                    precision, scan = getattr(loaded, "precision", None), getattr(loaded, "scan", None)
                     # Drop low scores inside the box head, before Mask R-CNN pastes a full-tile mask for each
                     # detection (200 x T x T floats per tile otherwise).
                     loaded.set_score_threshold(score_threshold)
@@ -208,7 +209,8 @@ def segment(
     seconds = time.perf_counter() - start
     total = sum(len(p) for p in plans)
     log.info("wrote %d objects from %d tiles to %s in %.1f s", features, total, output, seconds)
-    return SegmentResult(output, features, total, seconds, skipped, run.run_id, run.crs_wkt, ran, precision)
+    return SegmentResult(output, features, total, seconds, skipped, run.run_id, run.crs_wkt, ran, precision,
+                         scan)
 
 
 # ------------------------------------------------------------------------------------------------ checks

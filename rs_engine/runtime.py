@@ -17,7 +17,6 @@ import functools
 import importlib.util
 import logging
 import os
-import queue
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,18 @@ import numpy as np
 
 from rs_engine.card import ModelCard, _first_line, read_card, resolve_model
 from rs_engine.errors import InputError
+from rs_engine.runtime_openvino import (  # noqa: F401 (the OpenVINO runtime's names, as before its own module)
+    CACHE_ENV,
+    OPENVINO_PRECISIONS,
+    PRECISION_ENV,
+    SCAN_ENV,
+    OpenVinoPredictor,
+    _compiled,
+    _openvino_core,
+    _restore_empty_branches,
+    openvino_cache_dir,
+    openvino_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -222,168 +233,4 @@ class OnnxPredictor:
                                  f"(fixed at export), got {tuple(image.shape)}")
             values = self.session.run(None, {ONNX_INPUT: np.ascontiguousarray(image, dtype=np.float32)})
             outputs.append(dict(zip(ONNX_OUTPUTS, values)))
-        return outputs
-
-
-# ------------------------------------------------------------------------------------------------ OpenVINO
-
-#: Environment variable choosing OpenVINO's inference precision; unset: OpenVINO's default for the CPU.
-PRECISION_ENV = "DELINEATE_OPENVINO_PRECISION"
-#: Environment variable naming the folder where OpenVINO keeps compiled models (``off``: compile on every run);
-#: unset: :func:`openvino_cache_dir`'s default.
-CACHE_ENV = "DELINEATE_OPENVINO_CACHE"
-OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
-
-
-def openvino_precision() -> str | None:
-    """The inference precision asked for in ``DELINEATE_OPENVINO_PRECISION`` (``f32``, ``bf16`` or ``f16``), or
-    None for OpenVINO's default (bf16 on CPUs with AVX512-BF16 or AMX, f32 elsewhere: the fastest it has).
-
-    Raises:
-        InputError: any other value.
-    """
-    value = os.environ.get(PRECISION_ENV, "").strip().lower()
-    if value and value not in OPENVINO_PRECISIONS:
-        raise InputError(f"{PRECISION_ENV}={value}: use one of {', '.join(OPENVINO_PRECISIONS)} (or leave it unset)")
-    return value or None
-
-
-def openvino_cache_dir() -> str | None:
-    """Where OpenVINO keeps compiled models: ``DELINEATE_OPENVINO_CACHE``, else ``$XDG_CACHE_HOME/delineate/openvino``
-    (``~/.cache/delineate/openvino``), as the fused scan kernel is cached; None (compile every run) for ``off``,
-    ``0`` or ``none``, or where the folder cannot be made. Compiling ``nwpu10`` takes about 4.6 s, loading it back
-    2.3 s (one thread, the 2-core Xeon); each model, precision and thread setting keeps its own entry (about 40 MB).
-    """
-    value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() in ("off", "0", "none"):
-        return None
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    root = Path(value) if value else user_cache / "delineate" / "openvino"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a read-only home: slower starts, same results
-        log.debug("OpenVINO model cache off: %s: %s", root, exc.strerror)
-        return None
-    return str(root)
-
-
-@functools.cache
-def _openvino_core() -> Any:
-    import openvino as ov
-
-    return ov.Core()
-
-
-@functools.lru_cache(maxsize=4)
-def _compiled(path: str, mtime_ns: int, threads: int | None, streams: int, precision: str | None) -> Any:
-    # LATENCY: one execution stream per caller stream, all its threads on one tile (the pipeline's own streams
-    # give the concurrency); without it OpenVINO's CPU default is throughput with several streams.
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": streams}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads * streams
-    if precision:
-        config["INFERENCE_PRECISION_HINT"] = precision
-    if cache := openvino_cache_dir():
-        config["CACHE_DIR"] = cache
-    core = _openvino_core()
-    try:
-        model = core.read_model(path)
-        _restore_empty_branches(model)
-        return core.compile_model(model, "CPU", config)
-    except Exception as exc:  # OpenVINO raises RuntimeError (or its own classes) for any unreadable graph
-        raise InputError(f"{path}: OpenVINO cannot run this model ({_first_line(exc)})") from None
-
-
-def _restore_empty_branches(model: Any) -> int:
-    """Give back their empty tensor to the ``If`` branches that return an empty constant; returns how many.
-
-    Why: OpenVINO's ONNX reader turns a zero-element constant into a scalar it marks ``ONNX_FAILSAFE_NODE``
-    (OpenVINO 2026.4; see openvinotoolkit/openvino#37706 for the same in Expand). torchvision's ``batched_nms``
-    exports as ``If(no boxes) then Constant(int64, shape (0,)) else keep``, so a tile without one box above the
-    score floor came back with one detection of stale memory (the previous tile's first score) instead of none.
-    An empty constant of the If output's rank (first axis 0) restores the ONNX semantics.
-    """
-    import openvino as ov
-
-    fixed = 0
-    for op in model.get_ordered_ops():
-        kind = op.get_type_name()
-        if kind not in ("If", "Loop", "TensorIterator"):
-            continue
-        for branch in range(2 if kind == "If" else 1):
-            body = op.get_function(branch)
-            fixed += _restore_empty_branches(body)
-            if kind != "If":
-                continue
-            feeds = {d.body_value_index: d.output_index for d in op.get_output_descriptions(branch)}
-            for k, result in enumerate(body.get_results()):
-                src = result.input_value(0).get_node()
-                rank = op.get_output_partial_shape(feeds[k]).rank if k in feeds else None
-                if (src.get_type_name() != "Constant" or "ONNX_FAILSAFE_NODE" not in src.get_rt_info()
-                        or rank is None or not rank.is_static or rank.get_length() < 1):
-                    continue
-                empty = np.zeros((0,) * rank.get_length(), dtype=src.get_element_type().to_dtype())
-                result.input(0).replace_source_output(ov.op.Constant(empty).output(0))
-                fixed += 1
-            body.validate_nodes_and_infer_types()
-    if fixed:
-        model.validate_nodes_and_infer_types()
-    return fixed
-
-
-class OpenVinoPredictor:
-    """An exported model (``rs-engine export``, the same ``.onnx`` file ONNX Runtime runs) compiled by OpenVINO for
-    the CPU, one (C, T, T) tile per inference.
-
-    Attributes:
-        precision: the inference precision OpenVINO compiled for (``f32``, ``bf16`` or ``f16``): its default
-            unless ``DELINEATE_OPENVINO_PRECISION`` says otherwise. bf16 (CPUs with AVX512-BF16 or AMX) was 2.6x
-            faster than ONNX Runtime on a 512 px nwpu10 tile, one thread; f32 matched ONNX Runtime's outputs to
-            5e-5 (OpenVINO, https://docs.openvino.ai, "Precision Control").
-        input_shape, tile_size: the (C, T, T) tile the graph takes, fixed at export.
-    """
-
-    runtime = "openvino"
-
-    def __init__(self, path: Path, card: ModelCard, threads: int | None = None, streams: int = 1) -> None:
-        path = Path(path)
-        try:
-            mtime = path.stat().st_mtime_ns
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read the model ({exc.strerror})") from None
-        self.compiled = _compiled(str(path), mtime, threads, max(1, streams), openvino_precision())
-        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        self.input_shape = tuple(int(d) for d in self.compiled.input(0).get_shape())
-        self.tile_size = self.input_shape[-1]
-        self.path = path
-        outputs = self.compiled.outputs
-        # By tensor name, as rs-engine export names them; by position for a graph whose names were lost.
-        named = all(any(n in o.get_names() for o in outputs) for n in ONNX_OUTPUTS)
-        self._outputs = [self.compiled.output(n) for n in ONNX_OUTPUTS] if named else list(outputs)
-        # An infer request runs one inference at a time: one per caller stream, each reused for every tile.
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(max(1, streams)):
-            self._requests.put(self.compiled.create_infer_request())
-
-    @property
-    def on_gpu(self) -> bool:
-        """Always False: the CPU plugin only."""
-        return False
-
-    def set_score_threshold(self, threshold: float) -> None:
-        """Nothing to do: the graph's box-score floor was fixed at export; lower scores are never returned."""
-
-    def __call__(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        outputs = []
-        request = self._requests.get()  # blocks while every request is busy in another stream
-        try:
-            for image in images:
-                if tuple(image.shape) != self.input_shape:
-                    raise InputError(f"{self.path}: takes {self.input_shape[0]} band(s) of {self.tile_size} px "
-                                     f"tiles (fixed at export), got {tuple(image.shape)}")
-                # The request's output tensors are overwritten by its next inference: infer() returns copies.
-                result = request.infer({0: np.ascontiguousarray(image, dtype=np.float32)})
-                outputs.append({name: result[port] for name, port in zip(ONNX_OUTPUTS, self._outputs)})
-        finally:
-            self._requests.put(request)
         return outputs

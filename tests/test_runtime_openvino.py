@@ -143,6 +143,7 @@ def test_segment_cli_runs_openvino_end_to_end(tmp_path, read_gpkg):
     done = json.loads(r.stdout.splitlines()[-1])
     assert done["event"] == "done" and done["runtime"] == "openvino"
     assert done["precision"] in rt.OPENVINO_PRECISIONS
+    assert done["scan"] == "fused"  # the bundled .safetensors sits beside the .onnx: the scans run in the C kernel
     _, rows = read_gpkg(out)
     assert len(rows) == done["features"] >= 3
     assert {row["class_name"] for row in rows} <= set(read_card("nwpu10").class_names)
@@ -182,6 +183,7 @@ def test_compiled_models_are_cached_where_asked(tmp_path, monkeypatch):
     assert rt.openvino_cache_dir() is None
     monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "ov"))
     monkeypatch.setenv(rt.PRECISION_ENV, "f32")
+    monkeypatch.setenv(rt.SCAN_ENV, "graph")  # the fused-scan graph keeps no compiled blob (a Python operation)
     rt._compiled.cache_clear()  # compile again in this process, not the test module's compiled model
     try:
         rt.load_predictor("nwpu10", runtime="openvino", device="cpu", threads=1)
@@ -191,3 +193,45 @@ def test_compiled_models_are_cached_where_asked(tmp_path, monkeypatch):
     (tmp_path / "ro").write_text("a file where the folder should be")
     monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "ro" / "sub"))
     assert rt.openvino_cache_dir() is None  # cannot be made: compile every run, no error
+
+
+@needs_openvino
+def test_fused_scan_is_one_node_per_scan_and_finds_what_the_exported_scan_finds(tiles, tmp_path, monkeypatch):
+    """The default: each selective scan one ``delineate::SelectiveScan`` node that OpenVINO runs as a reference
+    (Python) node calling the fused C kernel; at f32 the same detections as the exported standard-operator scan."""
+    import onnx
+
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "ov"))
+    monkeypatch.setenv(rt.SCAN_ENV, "graph")
+    graph = _openvino(monkeypatch, "f32")
+    monkeypatch.delenv(rt.SCAN_ENV)
+    fused = _openvino(monkeypatch, "f32")
+    assert (graph.scan, fused.scan) == ("graph", "fused")
+    [made] = (tmp_path / "ov" / "scan-graphs").glob("nwpu10-*.onnx")  # exported once, kept in the cache folder
+    nodes = onnx.load(str(made)).graph.node
+    scans = [n for n in nodes if n.op_type == "SelectiveScan"]
+    assert len(scans) == 6 and {n.domain for n in scans} == {"delineate"}  # 4 SS2D blocks at stride 16, 2 at 32
+    exported = onnx.load(str(graph.path)).graph.node
+    mixer = lambda ns: sum("/mixer/" in n.name for n in ns)  # noqa: E731  (the SS2D blocks' nodes)
+    assert mixer(nodes) < 0.25 * mixer(exported)  # no unrolled scans left (about 950 nodes against 4200)
+    kinds = {op.get_rt_info()["layerType"].astype(str) for op in fused.compiled.get_runtime_model().get_ordered_ops()}
+    assert "Reference" in kinds  # the Python operation, not a decomposition
+    for tile in tiles:
+        a, b = graph([tile])[0], fused([tile])[0]
+        np.testing.assert_array_equal(b["labels"], a["labels"])
+        np.testing.assert_allclose(b["scores"], a["scores"], atol=1e-4)
+        np.testing.assert_allclose(b["boxes"], a["boxes"], atol=0.05)  # pixels
+        np.testing.assert_allclose(b["masks"], a["masks"], atol=1e-3)
+
+
+@needs_openvino
+def test_fused_scan_needs_the_weights_beside_the_onnx_file(tmp_path, monkeypatch):
+    """An .onnx alone (no .safetensors beside it) runs its exported scan; a bad DELINEATE_OPENVINO_SCAN is one line."""
+    alone = tmp_path / "model.onnx"
+    alone.write_bytes(rt.model_file("nwpu10", "openvino").read_bytes())
+    monkeypatch.delenv(rt.SCAN_ENV, raising=False)
+    pred, _ = rt.load_predictor(alone, runtime="openvino", threads=1)
+    assert pred.scan == "graph"
+    monkeypatch.setenv(rt.SCAN_ENV, "kernel")
+    with pytest.raises(InputError, match=f"^{rt.SCAN_ENV}=kernel: use fused or graph \\(or leave it unset\\)$"):
+        rt.load_predictor("nwpu10", runtime="openvino", threads=1)

@@ -8,13 +8,19 @@ about ``4*T + 2*L/T`` graph nodes per call, each a whole-tensor operator over ev
 count is chosen near ``sqrt(L)`` (:func:`export_chunk_size`). It is inference only (no backward) and slower
 than the chunked scan in eager PyTorch (it allocates every intermediate); the graph runtimes fuse and plan it.
 
+:func:`selective_scan_custom_op` traces each scan as one ``delineate::SelectiveScan`` node instead, for a runtime
+that runs the fused C kernel there (OpenVINO, :mod:`rs_engine.runtime_openvino`); :func:`custom_op_export` asks for it.
+
 Layout: work tensors are ``(T, chunks, batch, groups, dstate, dim/groups)``, position-major, so the slice
 taken at every step of the per-position loops (``x[t]``) and of the chunk loop (``x[k]``) is contiguous.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -108,4 +114,74 @@ def selective_scan_export(
         y = y + u * D.to(cdt)[:, None]
     if z is not None:
         y = y * F.silu(z.to(cdt))
+    return y.to(dtype_in)
+
+
+# --- one custom node per scan, for runtimes that run the fused kernel (OpenVINO: rs_engine.runtime_openvino) ---
+
+#: ONNX domain and type of the one-node scan that ``rs-engine`` exports for OpenVINO.
+CUSTOM_OP_DOMAIN, CUSTOM_OP_TYPE = "delineate", "SelectiveScan"
+_CUSTOM_OP = contextvars.ContextVar("delineate_scan_custom_op", default=False)
+
+
+@contextlib.contextmanager
+def custom_op_export() -> Iterator[None]:
+    """Within it, an ONNX export traces each selective scan as one ``delineate::SelectiveScan`` node
+    (:func:`selective_scan_custom_op`) instead of the standard-operator graph."""
+    token = _CUSTOM_OP.set(True)
+    try:
+        yield
+    finally:
+        _CUSTOM_OP.reset(token)
+
+
+def custom_op_requested() -> bool:
+    return _CUSTOM_OP.get()
+
+
+class _ScanNode(torch.autograd.Function):
+    """Traces as one ``delineate::SelectiveScan(u, delta, A, B, C, D, delta_bias)`` node, attribute
+    ``delta_softplus``; B and C are (batch, groups, dstate, L). Its eager value is :func:`selective_scan_export`'s."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, bias, softplus: bool):  # noqa: ANN001, ANN205
+        return selective_scan_export(u, delta, A, B, C, D, None, bias, softplus)
+
+    @staticmethod
+    def symbolic(g, u, delta, A, B, C, D, bias, softplus: bool):  # noqa: ANN001, ANN205
+        node = g.op(f"{CUSTOM_OP_DOMAIN}::{CUSTOM_OP_TYPE}", u, delta, A, B, C, D, bias,
+                    delta_softplus_i=int(softplus))
+        return node.setType(u.type())
+
+
+def selective_scan_custom_op(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """:func:`selective_scan_export`'s contract, traced as one custom node (float32 in and out; missing ``D`` and
+    ``delta_bias`` become zeros, the ``z`` gate is applied in standard operators after the node).
+
+    Only a runtime that knows the node runs the graph (``rs_engine.runtime_openvino`` maps it to the fused C
+    kernel); the bundled ``.onnx`` files keep the standard-operator scan.
+    """
+    dtype_in = u.dtype
+    f32 = [t.float() for t in (u, delta, A, B, C)]
+    u, delta, A, B, C = f32
+    B = B.unsqueeze(1) if B.dim() == 3 else B
+    C = C.unsqueeze(1) if C.dim() == 3 else C
+    ng = max(B.shape[1], C.shape[1])
+    B, C = B.expand(B.shape[0], ng, *B.shape[2:]), C.expand(C.shape[0], ng, *C.shape[2:])
+    zeros = u.new_zeros(u.shape[1])
+    D = zeros if D is None else D.float()
+    bias = zeros if delta_bias is None else delta_bias.float()
+    y = _ScanNode.apply(u, delta, A, B, C, D, bias, bool(delta_softplus))
+    if z is not None:
+        y = y * F.silu(z.float())
     return y.to(dtype_in)

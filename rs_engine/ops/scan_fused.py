@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rs_engine.ops.scan_contract import as_groups, check_args
@@ -212,3 +213,25 @@ def selective_scan_fused(
     out, last = _FusedScanFn.apply(fu, fdelta, fA, Bt, Ct, fD, fz, fbias, bool(delta_softplus))
     out = out.to(dtype_in)
     return (out, last) if return_last_state else out
+
+
+def scan_forward_arrays(u, delta, A, Bt, Ct, D, bias, softplus: bool, out, threads: int = 1) -> None:  # noqa: ANN001
+    """The kernel's forward on float32 C-contiguous numpy arrays, written into ``out``: no autograd, no tensors
+    (the OpenVINO operation, :class:`rs_engine.runtime_openvino.SelectiveScanOp`, calls it on its buffers).
+
+    Args:
+        u, delta, out: (batch, dim, L). A: (dim, dstate). Bt, Ct: token-major (batch, groups, L, dstate).
+        D, bias: (dim,). softplus: on ``delta + bias``. threads: OpenMP threads for the channels.
+
+    Raises:
+        RuntimeError: the kernel could not be built (:func:`fused_cpu_status` says why).
+    """
+    lib = _library()[0]
+    if lib is None:
+        raise RuntimeError(fused_cpu_status())
+    batch, dim, L = u.shape
+    G, N = Bt.shape[1], A.shape[1]
+    last = np.empty((batch, dim, N), dtype=np.float32)  # the kernel always writes the last state
+    lib.scan_fwd(batch, dim, L, N, G, BLOCK, u.ctypes.data, delta.ctypes.data, A.ctypes.data, Bt.ctypes.data,
+                 Ct.ctypes.data, D.ctypes.data, None, bias.ctypes.data, int(softplus), out.ctypes.data,
+                 last.ctypes.data, None, max(1, threads))

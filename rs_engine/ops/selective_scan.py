@@ -40,7 +40,7 @@ import torch
 
 from rs_engine.ops.scan_chunked import DEFAULT_CHUNK_SIZE, selective_scan_chunked
 from rs_engine.ops.scan_contract import check_args
-from rs_engine.ops.scan_export import selective_scan_export
+from rs_engine.ops.scan_export import custom_op_requested, selective_scan_custom_op, selective_scan_export
 from rs_engine.ops.scan_fused import (
     fused_cpu_available,
     fused_cpu_status,
@@ -154,6 +154,8 @@ def selective_scan_fn(
     if torch.onnx.is_in_onnx_export():  # standard operators only, so the graph needs no custom op
         if return_last_state:
             raise ValueError("selective scan: return_last_state is not exportable")
+        if custom_op_requested():  # one custom node per scan, for OpenVINO's fused-kernel operation
+            return selective_scan_custom_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return selective_scan_export(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     backend = scan_backend(u, A)
     if backend == "mamba_ssm":

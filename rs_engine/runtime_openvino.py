@@ -1,0 +1,345 @@
+"""The OpenVINO runtime: ``rs-engine segment --runtime openvino`` (``pip install 'delineate[openvino]'``).
+
+The exported ``.onnx`` model (:mod:`rs_engine.export`) compiled by OpenVINO's CPU plugin, at the CPU's fastest
+precision (bf16 with AMX or AVX512-BF16). Where PyTorch and the fused C scan kernel are present (the full venv)
+and the model's ``.safetensors`` sits beside its ``.onnx`` (every bundled model), the selective scans run in that
+kernel instead of the exported standard-operator scan: the model is exported once more with each scan as one
+``delineate::SelectiveScan`` node (:func:`rs_engine.ops.scan_export.selective_scan_custom_op`), kept in the
+OpenVINO cache folder, and OpenVINO's ONNX reader maps each such node to :class:`SelectiveScanOp`, a Python
+``openvino.Op`` whose ``evaluate`` calls the kernel (OpenVINO, "Custom OpenVINO Operations", Python API). The
+unrolled scan costs OpenVINO a third of a 512 px ``nwpu10`` tile in elementwise, transpose and slice nodes that
+each sweep ``(L, dim, dstate)`` tensors through memory; the kernel keeps the state in registers.
+``DELINEATE_OPENVINO_SCAN=graph`` keeps the standard-operator scan (``fused``, the default, falls back to it with
+a log line where the kernel or the ``.safetensors`` is missing).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import queue
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rs_engine.card import ModelCard, _first_line
+from rs_engine.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+#: Environment variable choosing OpenVINO's inference precision; unset: OpenVINO's default for the CPU.
+PRECISION_ENV = "DELINEATE_OPENVINO_PRECISION"
+#: Environment variable naming the folder where OpenVINO keeps compiled models (``off``: compile on every run);
+#: unset: :func:`openvino_cache_dir`'s default.
+CACHE_ENV = "DELINEATE_OPENVINO_CACHE"
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+#: Environment variable choosing how the selective scans run: ``fused`` (the C kernel, default) or ``graph``.
+SCAN_ENV = "DELINEATE_OPENVINO_SCAN"
+#: Bumped when the custom-node export changes, so that graphs cached by an older version are not reused.
+_SCAN_GRAPH_VERSION = "2"
+
+
+def openvino_precision() -> str | None:
+    """The inference precision asked for in ``DELINEATE_OPENVINO_PRECISION`` (``f32``, ``bf16`` or ``f16``), or
+    None for OpenVINO's default (bf16 on CPUs with AVX512-BF16 or AMX, f32 elsewhere: the fastest it has).
+
+    Raises:
+        InputError: any other value.
+    """
+    value = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if value and value not in OPENVINO_PRECISIONS:
+        raise InputError(f"{PRECISION_ENV}={value}: use one of {', '.join(OPENVINO_PRECISIONS)} (or leave it unset)")
+    return value or None
+
+
+def openvino_cache_dir() -> str | None:
+    """Where OpenVINO keeps compiled models: ``DELINEATE_OPENVINO_CACHE``, else ``$XDG_CACHE_HOME/delineate/openvino``
+    (``~/.cache/delineate/openvino``), as the fused scan kernel is cached; None (compile every run) for ``off``,
+    ``0`` or ``none``, or where the folder cannot be made. Compiling ``nwpu10`` takes about 4.6 s, loading it back
+    2.3 s (one thread, the 2-core Xeon); each model, precision and thread setting keeps its own entry (about 40 MB).
+    """
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value.lower() in ("off", "0", "none"):
+        return None
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = Path(value) if value else user_cache / "delineate" / "openvino"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only home: slower starts, same results
+        log.debug("OpenVINO model cache off: %s: %s", root, exc.strerror)
+        return None
+    return str(root)
+
+
+@functools.cache
+def _openvino_core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+def openvino_scan() -> str:
+    """``fused`` or ``graph`` from ``DELINEATE_OPENVINO_SCAN`` (unset: ``fused``).
+
+    Raises:
+        InputError: any other value.
+    """
+    value = os.environ.get(SCAN_ENV, "").strip().lower() or "fused"
+    if value not in ("fused", "graph"):
+        raise InputError(f"{SCAN_ENV}={value}: use fused or graph (or leave it unset)")
+    return value
+
+
+_conversion = threading.local()  # the threads each SelectiveScanOp gets, while read_model converts a graph
+
+
+def _selective_scan_op_class() -> type:
+    """:class:`SelectiveScanOp`, defined on first use so that importing this module never imports OpenVINO."""
+    global SelectiveScanOp
+    if SelectiveScanOp is not None:
+        return SelectiveScanOp
+    from openvino import Op
+
+    from rs_engine.ops.scan_fused import scan_forward_arrays
+
+    class _SelectiveScanOp(Op):
+        """``delineate::SelectiveScan(u, delta, A, B, C, D, delta_bias)`` -> (batch, dim, L), float32: Mamba-1's
+        selective scan (:func:`rs_engine.ops.selective_scan.selective_scan_fn`'s contract, B and C as (batch,
+        groups, dstate, L)) run by the fused C kernel on ``threads`` OpenMP threads. The CPU plugin runs the
+        node as a reference (``evaluate``) node in float32, converting around it under bf16 inference."""
+
+        def __init__(self, inputs=None, softplus: bool = True, threads: int = 1) -> None:  # noqa: ANN001
+            super().__init__(self, inputs)
+            self.softplus, self.threads = bool(softplus), int(threads)
+
+        def validate_and_infer_types(self) -> None:
+            self.set_output_type(0, self.get_input_element_type(0), self.get_input_partial_shape(0))
+
+        def clone_with_new_inputs(self, new_inputs):  # noqa: ANN001, ANN201
+            return _SelectiveScanOp(new_inputs, self.softplus, self.threads)
+
+        def visit_attributes(self, visitor) -> bool:  # noqa: ANN001
+            return True
+
+        def has_evaluate(self) -> bool:
+            return True
+
+        def evaluate(self, outputs, inputs) -> bool:  # noqa: ANN001
+            u, delta, A, B, C, D, bias = (np.ascontiguousarray(t.data, dtype=np.float32) for t in inputs)
+            Bt, Ct = (np.ascontiguousarray(X.transpose(0, 1, 3, 2)) for X in (B, C))  # token-major, as the kernel
+            outputs[0].shape = u.shape
+            out = outputs[0].data
+            scan_forward_arrays(u, delta, A, Bt, Ct, D, bias, self.softplus, out, self.threads)
+            return True
+
+    SelectiveScanOp = _SelectiveScanOp
+    return SelectiveScanOp
+
+
+SelectiveScanOp: type | None = None
+
+
+@functools.cache
+def _register_scan_extension() -> None:
+    """Map every ``delineate::SelectiveScan`` node OpenVINO's ONNX reader meets to a :class:`SelectiveScanOp`."""
+    from openvino.frontend.onnx import ConversionExtension
+
+    from rs_engine.ops.scan_export import CUSTOM_OP_DOMAIN, CUSTOM_OP_TYPE
+
+    op_class = _selective_scan_op_class()
+
+    def convert(node):  # noqa: ANN001, ANN202
+        softplus = bool(node.get_attribute("delta_softplus", 1))
+        inputs = [node.get_input(i) for i in range(7)]
+        return op_class(inputs, softplus, getattr(_conversion, "threads", 1)).outputs()
+
+    _openvino_core().add_extension(ConversionExtension(CUSTOM_OP_TYPE, CUSTOM_OP_DOMAIN, convert))
+
+
+def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str]:
+    """The custom-node graph of ``onnx_path`` (exported from its sibling ``.safetensors`` with the same tile size
+    and score floor), from the cache or made now (about 20 s, once); ``(None, why)`` where it cannot be had.
+
+    Kept in ``<openvino cache>/scan-graphs/``, named by a hash of the weights file, tile size, floor and
+    :data:`_SCAN_GRAPH_VERSION`; written to a temporary name and renamed, so that concurrent runs never read a
+    partial file. Without a cache folder it goes to a temporary folder the caller removes.
+    """
+    import importlib.util
+
+    weights = onnx_path.with_suffix(".safetensors")
+    if not weights.is_file():
+        return None, f"no {weights.name} beside {onnx_path.name}"
+    if importlib.util.find_spec("torch") is None:
+        return None, "PyTorch is not installed"
+    from rs_engine.ops.scan_fused import fused_cpu_available, fused_cpu_status
+
+    if not fused_cpu_available():
+        return None, fused_cpu_status()
+    spec = (card.provenance or {}).get("onnx", {})
+    tile, floor = spec.get("tile_size", card.tile_size), spec.get("min_score", card.score_threshold)
+    digest = hashlib.sha256(weights.read_bytes())
+    digest.update(f"{tile} {floor} {_SCAN_GRAPH_VERSION}".encode())
+    root = Path(openvino_cache_dir() or tempfile.mkdtemp(prefix="delineate-ov-"))
+    out = root / "scan-graphs" / f"{onnx_path.stem}-{digest.hexdigest()[:16]}.onnx"
+    if out.is_file():
+        return out, "cached"
+    from rs_engine.export import export_onnx
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.onnx")
+        log.info("OpenVINO: exporting %s with the fused scan (once; kept in %s)", weights.name, out.parent)
+        export_onnx(weights, tmp, tile_size=tile, min_score=floor, overwrite=True, scan_op=True)
+        os.replace(tmp, out)
+    except (OSError, InputError) as exc:
+        return None, f"cannot export the fused-scan graph ({_first_line(exc)})"
+    return out, "exported"
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(path: str, mtime_ns: int, threads: int | None, streams: int, precision: str | None,
+              fused_scan: bool = False) -> Any:
+    # LATENCY: one execution stream per caller stream, all its threads on one tile (the pipeline's own streams
+    # give the concurrency); without it OpenVINO's CPU default is throughput with several streams.
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": streams}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads * streams
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    if cache := openvino_cache_dir():
+        config["CACHE_DIR"] = cache
+    if fused_scan:
+        # No compiled blob: it would have to hold the Python operation; the graph is small (one node per scan,
+        # not thousands) and compiles in about 1.2 s.
+        config.pop("CACHE_DIR", None)
+    try:
+        model = read_model(path, fused_scan, threads or max(1, (os.cpu_count() or 1) // streams))
+        return _openvino_core().compile_model(model, "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError (or its own classes) for any unreadable graph
+        raise InputError(f"{path}: OpenVINO cannot run this model ({_first_line(exc)})") from None
+
+
+def read_model(path: str | os.PathLike, fused_scan: bool = False, scan_threads: int = 1) -> Any:
+    """OpenVINO's model of an exported ``.onnx`` file, as the runtime compiles it: empty NMS branches restored
+    (:func:`_restore_empty_branches`); with ``fused_scan``, each ``delineate::SelectiveScan`` node becomes a
+    :class:`SelectiveScanOp` on ``scan_threads`` threads. Raises what OpenVINO's reader raises."""
+    if fused_scan:
+        _register_scan_extension()
+        _conversion.threads = scan_threads
+    model = _openvino_core().read_model(str(path))
+    _restore_empty_branches(model)
+    return model
+
+
+def _restore_empty_branches(model: Any) -> int:
+    """Give back their empty tensor to the ``If`` branches that return an empty constant; returns how many.
+
+    Why: OpenVINO's ONNX reader turns a zero-element constant into a scalar it marks ``ONNX_FAILSAFE_NODE``
+    (OpenVINO 2026.4; see openvinotoolkit/openvino#37706 for the same in Expand). torchvision's ``batched_nms``
+    exports as ``If(no boxes) then Constant(int64, shape (0,)) else keep``, so a tile without one box above the
+    score floor came back with one detection of stale memory (the previous tile's first score) instead of none.
+    An empty constant of the If output's rank (first axis 0) restores the ONNX semantics.
+    """
+    import openvino as ov
+
+    fixed = 0
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("If", "Loop", "TensorIterator"):
+            continue
+        for branch in range(2 if kind == "If" else 1):
+            body = op.get_function(branch)
+            fixed += _restore_empty_branches(body)
+            if kind != "If":
+                continue
+            feeds = {d.body_value_index: d.output_index for d in op.get_output_descriptions(branch)}
+            for k, result in enumerate(body.get_results()):
+                src = result.input_value(0).get_node()
+                rank = op.get_output_partial_shape(feeds[k]).rank if k in feeds else None
+                if (src.get_type_name() != "Constant" or "ONNX_FAILSAFE_NODE" not in src.get_rt_info()
+                        or rank is None or not rank.is_static or rank.get_length() < 1):
+                    continue
+                empty = np.zeros((0,) * rank.get_length(), dtype=src.get_element_type().to_dtype())
+                result.input(0).replace_source_output(ov.op.Constant(empty).output(0))
+                fixed += 1
+            body.validate_nodes_and_infer_types()
+    if fixed:
+        model.validate_nodes_and_infer_types()
+    return fixed
+
+
+class OpenVinoPredictor:
+    """An exported model (``rs-engine export``, the same ``.onnx`` file ONNX Runtime runs) compiled by OpenVINO for
+    the CPU, one (C, T, T) tile per inference.
+
+    Attributes:
+        precision: the inference precision OpenVINO compiled for (``f32``, ``bf16`` or ``f16``): its default
+            unless ``DELINEATE_OPENVINO_PRECISION`` says otherwise. bf16 (CPUs with AVX512-BF16 or AMX) was 2.6x
+            faster than ONNX Runtime on a 512 px nwpu10 tile, one thread; f32 matched ONNX Runtime's outputs to
+            5e-5 (OpenVINO, https://docs.openvino.ai, "Precision Control").
+        input_shape, tile_size: the (C, T, T) tile the graph takes, fixed at export.
+        scan: ``fused`` (the selective scans in the fused C kernel, :class:`SelectiveScanOp`) or ``graph`` (the
+            exported standard-operator scan).
+    """
+
+    runtime = "openvino"
+
+    def __init__(self, path: Path, card: ModelCard, threads: int | None = None, streams: int = 1) -> None:
+        from rs_engine.runtime import ONNX_OUTPUTS  # here: rs_engine.runtime imports this module
+
+        path = Path(path)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read the model ({exc.strerror})") from None
+        precision, self.scan = openvino_precision(), openvino_scan()
+        graph = path
+        if self.scan == "fused":
+            graph, why = fused_scan_graph(path, card)
+            if graph is None:
+                log.info("OpenVINO: the selective scans run as exported operators: %s", why)
+                self.scan, graph = "graph", path
+        self.compiled = _compiled(str(graph), graph.stat().st_mtime_ns if graph != path else mtime, threads,
+                                  max(1, streams), precision, self.scan == "fused")
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.input_shape = tuple(int(d) for d in self.compiled.input(0).get_shape())
+        self.tile_size = self.input_shape[-1]
+        self.path = path
+        outputs = self.compiled.outputs
+        # By tensor name, as rs-engine export names them; by position for a graph whose names were lost.
+        named = all(any(n in o.get_names() for o in outputs) for n in ONNX_OUTPUTS)
+        self._names = ONNX_OUTPUTS
+        self._outputs = [self.compiled.output(n) for n in ONNX_OUTPUTS] if named else list(outputs)
+        # An infer request runs one inference at a time: one per caller stream, each reused for every tile.
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(max(1, streams)):
+            self._requests.put(self.compiled.create_infer_request())
+
+    @property
+    def on_gpu(self) -> bool:
+        """Always False: the CPU plugin only."""
+        return False
+
+    def set_score_threshold(self, threshold: float) -> None:
+        """Nothing to do: the graph's box-score floor was fixed at export; lower scores are never returned."""
+
+    def __call__(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        outputs = []
+        request = self._requests.get()  # blocks while every request is busy in another stream
+        try:
+            for image in images:
+                if tuple(image.shape) != self.input_shape:
+                    raise InputError(f"{self.path}: takes {self.input_shape[0]} band(s) of {self.tile_size} px "
+                                     f"tiles (fixed at export), got {tuple(image.shape)}")
+                # The request's output tensors are overwritten by its next inference: infer() returns copies.
+                result = request.infer({0: np.ascontiguousarray(image, dtype=np.float32)})
+                outputs.append({name: result[port] for name, port in zip(self._names, self._outputs)})
+        finally:
+            self._requests.put(request)
+        return outputs
