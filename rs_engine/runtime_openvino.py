@@ -106,7 +106,7 @@ def _selective_scan_op_class() -> type:
         return SelectiveScanOp
     from openvino import Op
 
-    from rs_engine.ops.scan_fused import scan_forward_arrays
+    from rs_engine.ops.scan_kernel import scan_forward_arrays
 
     class _SelectiveScanOp(Op):
         """``delineate::SelectiveScan(u, delta, A, B, C, D, delta_bias)`` -> (batch, dim, L), float32: Mamba-1's
@@ -150,7 +150,7 @@ def _register_scan_extension() -> None:
     """Map every ``delineate::SelectiveScan`` node OpenVINO's ONNX reader meets to a :class:`SelectiveScanOp`."""
     from openvino.frontend.onnx import ConversionExtension
 
-    from rs_engine.ops.scan_export import CUSTOM_OP_DOMAIN, CUSTOM_OP_TYPE
+    from rs_engine.ops.scan_kernel import CUSTOM_OP_DOMAIN, CUSTOM_OP_TYPE
 
     op_class = _selective_scan_op_class()
 
@@ -172,13 +172,11 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
     """
     import importlib.util
 
+    from rs_engine.ops.scan_kernel import fused_cpu_available, fused_cpu_status
+
     weights = onnx_path.with_suffix(".safetensors")
     if not weights.is_file():
         return None, f"no {weights.name} beside {onnx_path.name}"
-    if importlib.util.find_spec("torch") is None:
-        return None, "PyTorch is not installed"
-    from rs_engine.ops.scan_fused import fused_cpu_available, fused_cpu_status
-
     if not fused_cpu_available():
         return None, fused_cpu_status()
     spec = (card.provenance or {}).get("onnx", {})
@@ -188,7 +186,9 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
     root = Path(openvino_cache_dir() or tempfile.mkdtemp(prefix="delineate-ov-"))
     out = root / "scan-graphs" / f"{onnx_path.stem}-{digest.hexdigest()[:16]}.onnx"
     if out.is_file():
-        return out, "cached"
+        return out, "cached"  # PyTorch is not even imported
+    if importlib.util.find_spec("torch") is None:
+        return None, "PyTorch is not installed (it exports the graph once)"
     from rs_engine.export import export_onnx
 
     try:

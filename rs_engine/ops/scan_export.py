@@ -25,6 +25,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from rs_engine.ops.scan_kernel import CUSTOM_OP_DOMAIN, CUSTOM_OP_TYPE
+
 
 def export_chunk_size(length: int) -> int:
     """Tokens per chunk for a sequence of ``length``: the power of two nearest ``sqrt(length)``, at least 4.
@@ -119,8 +121,6 @@ def selective_scan_export(
 
 # --- one custom node per scan, for runtimes that run the fused kernel (OpenVINO: rs_engine.runtime_openvino) ---
 
-#: ONNX domain and type of the one-node scan that ``rs-engine`` exports for OpenVINO.
-CUSTOM_OP_DOMAIN, CUSTOM_OP_TYPE = "delineate", "SelectiveScan"
 _CUSTOM_OP = contextvars.ContextVar("delineate_scan_custom_op", default=False)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rs_engine.ops import scan_fused
+from rs_engine.ops import scan_kernel
 from rs_engine.ops import selective_scan as ss
 from rs_engine.ops.scan_fused import fused_cpu_available, fused_cpu_status, selective_scan_fused
 from tests.ops.test_selective_scan import EXTREME_DECAYS, _grads, check_extreme_decays, make_inputs, rel_err, split
@@ -108,22 +108,22 @@ def test_build_is_cached_and_falls_back_with_a_reason(monkeypatch, tmp_path):
     args, kw = split(x, full=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     try:
-        scan_fused._library.cache_clear()
+        scan_kernel._library.cache_clear()
         assert fused_cpu_available()
         built = list((tmp_path / "delineate").glob("scan_fused_cpu-*.so"))
         assert len(built) == 1 and built[0].name in fused_cpu_status()
         assert ss.scan_backend(args[0], args[2]) == "fused_cpu"
 
-        scan_fused._library.cache_clear()
+        scan_kernel._library.cache_clear()
         monkeypatch.setenv("DELINEATE_SCAN", "chunked")
         assert not fused_cpu_available() and "DELINEATE_SCAN=chunked" in fused_cpu_status()
         assert ss.scan_backend(args[0], args[2]) == "chunked"
         assert torch.equal(ss.selective_scan_fn(*args, **kw), ss.selective_scan_chunked(*args, **kw))
 
-        scan_fused._library.cache_clear()
+        scan_kernel._library.cache_clear()
         monkeypatch.delenv("DELINEATE_SCAN")
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
-        monkeypatch.setattr(scan_fused.shutil, "which", lambda name: None)
+        monkeypatch.setattr(scan_kernel.shutil, "which", lambda name: None)
         monkeypatch.delenv("CC", raising=False)
         assert not fused_cpu_available() and "no C compiler" in fused_cpu_status()
         assert ss.scan_backend(args[0], args[2]) == "chunked"
@@ -131,7 +131,7 @@ def test_build_is_cached_and_falls_back_with_a_reason(monkeypatch, tmp_path):
             selective_scan_fused(*args, **kw)
     finally:
         monkeypatch.undo()
-        scan_fused._library.cache_clear()
+        scan_kernel._library.cache_clear()
 
 
 def test_forward_on_numpy_arrays_matches_float64_reference():
