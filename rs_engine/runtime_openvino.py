@@ -42,7 +42,7 @@ OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
 #: Environment variable choosing how the selective scans run: ``fused`` (the C kernel, default) or ``graph``.
 SCAN_ENV = "DELINEATE_OPENVINO_SCAN"
 #: Bumped when the custom-node export changes, so that graphs cached by an older version are not reused.
-_SCAN_GRAPH_VERSION = "2"
+_SCAN_GRAPH_VERSION = "3"
 
 
 def openvino_precision() -> str | None:

@@ -72,3 +72,15 @@ def test_models_train_through_the_fast_poolers(backbone: str) -> None:
     model = build_model(ModelConfig(backbone=backbone, tile_size=64))
     assert isinstance(model.roi_heads.box_roi_pool, FastMultiScaleRoIAlign)
     assert isinstance(model.roi_heads.mask_roi_pool, FastMultiScaleRoIAlign)
+
+
+def test_export_path_merges_levels_as_torchvision_does(monkeypatch) -> None:
+    """The exported graph's pooler (per-level RoIAlign, merged by one gather) gives torchvision's output exactly."""
+    ref = MultiScaleRoIAlign(NAMES, 7, 2)
+    fast = FastMultiScaleRoIAlign(NAMES, 7, 2)
+    feats, boxes = _features(2, 8, 4), _boxes(2, 120, 5)
+    a = ref(feats, boxes, [(256, 192)] * 2)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    b = fast(feats, boxes, [(256, 192)] * 2)
+    assert len({int(v) for v in fast.map_levels(boxes)}) == 4  # RoIs on every level, interleaved
+    assert torch.equal(a, b)
