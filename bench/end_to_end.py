@@ -13,11 +13,15 @@ Usage::
    inference, merging and writing the GeoPackage) and the process's peak RSS.
    The baseline is a model file with ``resnet50`` architecture: by default the NWPU VHR-10 baseline trained by
    README "Models" (``--baseline``); a training run's ``.resume.safetensors`` is converted as it stands; without
-   either, an untrained ResNet-50-FPN Mask R-CNN with the default model's card is built (its speed is the
-   architecture's, but its detections are random: marked in the table). ``--also`` adds other model files (e.g.
-   the previous default) to the same run; ``--peers`` the networks of ``bench/peers.py`` (Ultralytics
-   YOLO11n-seg) through the same tiling, reading, merging and writing; ``--runtimes`` the default model in PyTorch,
-   ONNX Runtime and, where installed, OpenVINO (``openvino``: its precision, as the engine reports it, in the table).
+   either, an untrained ResNet-50-FPN Mask R-CNN with the default model's card is built, its box classifier
+   zeroed: every class scores 1/(classes + 1), below any score threshold, so it returns no detection and pastes no
+   mask. Its time is the architecture's least (backbone, FPN, RPN and box head on the same 300 proposals): a ratio
+   against it is a lower bound of the ratio against a trained baseline, which also pays for its masks (random
+   weights kept 15668 random detections whose masks cost most of their time). Marked in the table. ``--also`` adds
+   other model files (e.g. the previous default) to the same run; ``--peers`` the networks of ``bench/peers.py``
+   (Ultralytics YOLO11n-seg) through the same tiling, reading, merging and writing; ``--runtimes`` the default
+   model in PyTorch, ONNX Runtime and, where installed, OpenVINO (``openvino``: its precision and scan, as the
+   engine reports them, in the table; ``openvino-graph``: with the exported scan).
    ``--repeat N`` runs the whole list N times, interleaved, and reports each run's median
    seconds (every repeat's seconds in the JSON, ``runs_s``), so a change of load on a shared machine does not
    decide a ratio.
@@ -66,7 +70,8 @@ def segment_cmd(raster: Path, model: str, out: Path, tile: int, overlap: int, ba
 
 
 def untrained_baseline(path: Path, like: str) -> Path:
-    """A ResNet-50-FPN Mask R-CNN model file with ``like``'s card (classes, bands, tiling), random weights."""
+    """A ResNet-50-FPN Mask R-CNN model file with ``like``'s card (classes, bands, tiling), random weights and a
+    zeroed box classifier (no detection: the architecture's least time)."""
     import torch
 
     from rs_engine.checkpoint import ModelCard, read_card, save_model
@@ -76,8 +81,11 @@ def untrained_baseline(path: Path, like: str) -> Path:
     arch = {**card.architecture, "backbone": "resnet50"}
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_dict(arch))
+    with torch.no_grad():  # uniform class scores: no detection passes the threshold (its fastest case)
+        model.roi_heads.box_predictor.cls_score.weight.zero_()
+        model.roi_heads.box_predictor.cls_score.bias.zero_()
     new = ModelCard(**{**card.__dict__, "name": "resnet50-untrained", "architecture": arch,
-                       "provenance": {"note": "untrained: for timing only"}})
+                       "provenance": {"note": "untrained, box classifier zeroed (no detections): for timing only"}})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(path, model, new, half=True)
     return path
@@ -224,7 +232,7 @@ def main() -> None:
             role = f"baseline (in training, step {step})"
         elif not baseline.is_file():
             baseline, role = untrained_baseline(args.data / "resnet50-untrained.safetensors", args.model), \
-                "baseline (untrained weights)"
+                "baseline (untrained, no detections: its least time)"
         runs = [(args.model, rt, "default model") for rt in args.runtimes.split(",")]
         runs += [(m, "torch", "compared") for m in args.also]
         runs += [(f"peer:{p}", "torch", "peer (untrained weights)") for p in args.peers.split(",") if p]
