@@ -73,7 +73,8 @@ def test_end_to_end_bench_quick(tmp_path) -> None:
     openvino = [("default model", "openvino")] if importlib.util.find_spec("openvino") else []
     assert [(e["role"], e["runtime"]) for e in rec["e2e"]] == [
         ("default model", "torch"), ("default model", "onnx"), *openvino, ("peer (untrained weights)", "torch"),
-        ("baseline (untrained weights)", "torch")]
+        ("baseline (untrained, no detections: its least time)", "torch")]
+    assert rec["e2e"][-1]["objects"] == 0  # zeroed box classifier: a lower bound of a trained baseline's time
     assert rec["e2e"][0]["objects"] == rec["e2e"][1]["objects"]  # the two runtimes find the same
     assert all(e["rc"] == 0 and e["mpx_per_s"] > 0 and e["peak_rss_mb"] > 100 for e in rec["e2e"] + rec["stream"])
     assert [s["side"] for s in rec["stream"]] == [256, 512]
