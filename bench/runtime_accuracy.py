@@ -10,7 +10,8 @@ pipeline as ``rs-engine segment`` (512 px tiles, the card's overlap, merging, po
 the bundled ``.onnx`` graphs drop lower scores inside the graph, so every runtime is scored at it),
 one model load per runtime; the polygons are rasterised back on each image's pixel grid and scored with
 pycocotools against the test annotations. ``openvino:PRECISION`` sets ``DELINEATE_OPENVINO_PRECISION`` (f32, bf16,
-f16); plain ``openvino`` is OpenVINO's default for this CPU (bf16 where it has AMX or AVX512-BF16). The pipeline's
+f16); plain ``openvino`` is OpenVINO's default for this CPU (bf16 where it has AMX or AVX512-BF16), with its scans
+in the fused C kernel; ``openvino-graph`` runs the exported standard-operator scan instead. The pipeline's
 AP differs from ``rs-train evaluate``'s (whole images, no polygons): compare the rows with each other. Writes
 ``runtime_accuracy.json`` and ``.md`` (with the CPU and load average).
 """
@@ -74,6 +75,11 @@ def run_one(spec: str, args: argparse.Namespace, paths: list[Path], out: Path, c
         os.environ[rt.PRECISION_ENV] = precision
     else:
         os.environ.pop(rt.PRECISION_ENV, None)
+    if name.endswith("-graph"):  # OpenVINO with the exported standard-operator scan instead of the fused kernel
+        name = name.removesuffix("-graph")
+        os.environ[rt.SCAN_ENV] = "graph"
+    else:
+        os.environ.pop(rt.SCAN_ENV, None)
     predictor, card = rt.load_predictor(args.model, runtime=name, device="cpu", threads=args.threads)
     t = time.perf_counter()
     segment(paths, out, SegmentOptions(model=args.model, runtime=name, device="cpu", threads=args.threads,
@@ -81,7 +87,8 @@ def run_one(spec: str, args: argparse.Namespace, paths: list[Path], out: Path, c
     seconds = time.perf_counter() - t
     pred = geopandas.read_file(out, layer="instances", engine="pyogrio")
     metrics = score(pred, coco, images, card.class_names)
-    return {"runtime": name, "precision": getattr(predictor, "precision", None) or "f32",
+    return {"runtime": name + (f" ({predictor.scan} scan)" if getattr(predictor, "scan", None) else ""),
+            "precision": getattr(predictor, "precision", None) or "f32",
             "seconds": round(seconds, 1), "objects": len(pred), **metrics}
 
 

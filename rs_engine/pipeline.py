@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,8 @@ class SegmentOptions:
 
     model: str = "nwpu10"  # bundled model name, or path to a .safetensors (PyTorch) or .onnx model file
     device: str = "auto"  # auto | cpu | cuda | cuda:N (rs_engine.device)
-    runtime: str = "auto"  # auto | torch | onnx | openvino (rs_engine.runtime: auto is onnx without PyTorch or for
-    # .onnx, never openvino)
+    runtime: str = "auto"  # auto | torch | onnx | openvino (rs_engine.runtime.choose_runtime: auto is onnx without
+    # PyTorch, openvino on the CPU where installed for bundled models and .onnx files, else onnx or torch)
     threads: int | None = None  # CPU threads of the runtime, all streams together; None: OMP_NUM_THREADS or all cores
     streams: int | None = None  # batches predicted at once, in threads of this process; None: auto (CPU: one per
     # thread, at most 4, each with threads // streams runtime threads; CUDA or a caller's predictor: 1)
@@ -148,8 +148,12 @@ def segment(
     output = Path(output)
     runtime = None
     if card is None:
-        runtime = choose_runtime(options.model, options.runtime)
+        runtime = choose_runtime(options.model, options.runtime, options.device)
         card = read_card(model_file(options.model, runtime))  # the card alone is cheap; weights load later
+        if options.runtime == "auto" and runtime == "openvino" and not _fits_export(card, options):
+            runtime = "torch"  # a bundled model whose exported graph fixes another tile size or a higher floor
+            card = read_card(model_file(options.model, runtime))
+            options = replace(options, runtime=runtime)  # cluster workers too
     tile_size = options.tile_size if options.tile_size is not None else card.tile_size
     exported = card.provenance.get("onnx", {}).get("tile_size") if runtime in ("onnx", "openvino") else None
     if exported and tile_size != exported:
@@ -214,6 +218,15 @@ def segment(
 
 
 # ------------------------------------------------------------------------------------------------ checks
+
+
+def _fits_export(card: ModelCard, options: SegmentOptions) -> bool:
+    """Whether an exported graph (its card's ``provenance["onnx"]``) serves these options: the same tile size and
+    a score threshold at or above the floor the graph applies."""
+    onnx = card.provenance.get("onnx", {})
+    tile_ok = options.tile_size is None or options.tile_size == onnx.get("tile_size", card.tile_size)
+    floor = onnx.get("min_score", card.score_threshold)
+    return tile_ok and (options.score_threshold is None or options.score_threshold >= floor)
 
 
 #: GDAL block cache of a run in MB, unless the user sets GDAL_CACHEMAX. It holds a row of 512 px tiles of a 4-band

@@ -6,8 +6,9 @@ x1y1x2y2 tile pixels, ``labels`` (K,) 1..num_classes, ``scores`` (K,) 0-1 and ``
 probabilities, as numpy arrays: torchvision Mask R-CNN's eval-mode convention, whichever runtime computes it.
 The pipeline (:mod:`rs_engine.pipeline`) sees only that, so tiling, merging and writing are one code path.
 
-``--runtime auto`` takes ONNX Runtime when PyTorch is not installed (the light engine, ``pip install delineate``)
-or the model is an ``.onnx`` file, and PyTorch otherwise; OpenVINO (an extra) runs only when asked for.
+``--runtime auto`` takes ONNX Runtime when PyTorch is not installed (the light engine, ``pip install delineate``);
+else OpenVINO on the CPU where it is installed and the model has an ``.onnx`` form; else ONNX Runtime for an
+``.onnx`` file and PyTorch for the rest (:func:`choose_runtime`).
 Nothing here imports PyTorch or OpenVINO unless it runs them.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rs_engine.card import ModelCard, _first_line, read_card, resolve_model
+from rs_engine.card import ModelCard, _first_line, bundled_models, read_card, resolve_model
 from rs_engine.errors import InputError
 from rs_engine.runtime_openvino import (  # noqa: F401 (the OpenVINO runtime's names, as before its own module)
     CACHE_ENV,
@@ -58,9 +59,16 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def choose_runtime(spec: str | os.PathLike, runtime: str = "auto") -> str:
-    """``"torch"``, ``"onnx"`` or ``"openvino"`` for a model spec (bundled name or path) and the ``--runtime``
-    choice; ``auto`` never picks OpenVINO.
+def choose_runtime(spec: str | os.PathLike, runtime: str = "auto", device: str = "auto") -> str:
+    """``"torch"``, ``"onnx"`` or ``"openvino"`` for a model spec (bundled name or path), the ``--runtime`` choice
+    and the ``--device``.
+
+    ``auto``: without PyTorch (the light engine) ONNX Runtime; else OpenVINO where it is installed, the model has
+    an ``.onnx`` form (a bundled name, or an ``.onnx`` file: never a ``.safetensors`` path, whose ``.onnx``
+    sibling may be older than it) and the device is the CPU: on the 2-core Xeon it segments 2.8x faster than
+    PyTorch for 0.5 mask AP (bf16; docs/benchmarks.md 2b); else ONNX Runtime for an ``.onnx`` file, PyTorch
+    otherwise. :func:`rs_engine.pipeline.segment` goes back to PyTorch where a tile size or score threshold needs
+    a graph other than the exported one.
 
     Raises:
         InputError: an unknown runtime, or a runtime that is not installed (with what to install).
@@ -69,7 +77,12 @@ def choose_runtime(spec: str | os.PathLike, runtime: str = "auto") -> str:
         raise InputError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
     if runtime == "auto":
         onnx_file = str(spec).lower().endswith(".onnx")
-        runtime = "onnx" if onnx_file or not torch_available() else "torch"
+        if not torch_available():
+            runtime = "onnx"
+        elif openvino_available() and (onnx_file or str(spec) in bundled_models(".onnx")) and _on_cpu(device):
+            runtime = "openvino"
+        else:
+            runtime = "onnx" if onnx_file else "torch"
     if runtime == "torch" and not torch_available():
         raise InputError("--runtime torch: PyTorch is not installed (pip install 'delineate[torch]')")
     if runtime == "onnx" and not onnxruntime_available():
@@ -77,6 +90,15 @@ def choose_runtime(spec: str | os.PathLike, runtime: str = "auto") -> str:
     if runtime == "openvino" and not openvino_available():
         raise InputError("--runtime openvino: OpenVINO is not installed (pip install openvino)")
     return runtime
+
+
+def _on_cpu(device: str) -> bool:
+    """True when ``device`` (``auto``, ``cpu``, ``cuda[:N]``) runs on the CPU: ``auto`` on a machine without CUDA."""
+    if device != "auto":
+        return device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def model_file(spec: str | os.PathLike, runtime: str) -> Path:
@@ -118,7 +140,7 @@ def load_predictor(
         InputError: as :func:`choose_runtime` and :func:`model_file`; missing, corrupt or mismatched model files;
             ``--device cuda`` or a bad ``DELINEATE_OPENVINO_PRECISION`` with OpenVINO.
     """
-    runtime = choose_runtime(spec, runtime)
+    runtime = choose_runtime(spec, runtime, device)
     path = model_file(spec, runtime)
     if runtime == "torch":
         import torch

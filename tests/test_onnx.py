@@ -94,8 +94,10 @@ def test_export_cli_writes_a_model_onnx_runtime_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     card = read_card(out)
     assert card.tile_size == 128 and card.provenance["onnx"]["min_score"] == 0.3
-    pred, _ = load_predictor(out, threads=1)  # auto: an .onnx file runs in ONNX Runtime
+    pred, _ = load_predictor(out, runtime="onnx", threads=1)
     assert pred.runtime == "onnx" and pred.input_shape == (1, 128, 128)
+    auto, _ = load_predictor(out, threads=1, device="cpu")  # an .onnx file: OpenVINO where installed, else ORT
+    assert auto.runtime == ("openvino" if importlib.util.find_spec("openvino") else "onnx")
     assert set(pred([np.zeros((1, 128, 128), np.float32)])[0]) == {"boxes", "labels", "scores", "masks"}
     again = subprocess.run([sys.executable, "-m", "rs_engine.cli", "export", "ssdd-ship", "-o", str(out)],
                            capture_output=True, text=True, timeout=600)  # fmt: skip

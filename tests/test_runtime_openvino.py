@@ -235,3 +235,24 @@ def test_fused_scan_needs_the_weights_beside_the_onnx_file(tmp_path, monkeypatch
     monkeypatch.setenv(rt.SCAN_ENV, "kernel")
     with pytest.raises(InputError, match=f"^{rt.SCAN_ENV}=kernel: use fused or graph \\(or leave it unset\\)$"):
         rt.load_predictor("nwpu10", runtime="openvino", threads=1)
+
+
+@needs_openvino
+def test_auto_takes_openvino_on_the_cpu_where_the_exported_graph_serves(tmp_path):
+    """``--runtime auto``: OpenVINO for bundled models and .onnx files on the CPU; PyTorch for a .safetensors path
+    (its .onnx sibling may be older), for CUDA, and where the options need another graph than the exported one."""
+    from rs_engine import SegmentOptions, segment
+
+    weights = bundled_models(".safetensors")["nwpu10"]
+    assert rt.choose_runtime("nwpu10", "auto", "cpu") == "openvino"
+    assert rt.choose_runtime(weights.with_suffix(".onnx"), "auto", "cpu") == "openvino"
+    assert rt.choose_runtime(weights, "auto", "cpu") == "torch"
+    assert rt.choose_runtime("nwpu10", "auto", "cuda") == "torch"
+    raster = tmp_path / "crop.tif"
+    with rasterio.open(EXAMPLE) as ds:
+        pixels = ds.read(window=((0, 256), (0, 256)))
+    with rasterio.open(raster, "w", driver="GTiff", width=256, height=256, count=3, dtype="uint8") as dst:
+        dst.write(pixels)
+    ran = [segment([raster], tmp_path / f"{i}.gpkg", SegmentOptions(threads=1, **kw)).runtime
+           for i, kw in enumerate([{}, {"tile_size": 256}, {"score_threshold": 0.3}, {"score_threshold": 0.7}])]
+    assert ran == ["openvino", "torch", "torch", "openvino"]  # exported: 512 px tiles, floor 0.5
