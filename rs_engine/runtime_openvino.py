@@ -22,6 +22,8 @@ import os
 import queue
 import tempfile
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +136,7 @@ def _selective_scan_op_class() -> type:
             u, delta, A, B, C, D, bias = (np.ascontiguousarray(t.data, dtype=np.float32) for t in inputs)
             Bt, Ct = (np.ascontiguousarray(X.transpose(0, 1, 3, 2)) for X in (B, C))  # token-major, as the kernel
             outputs[0].shape = u.shape
-            out = outputs[0].data
-            scan_forward_arrays(u, delta, A, Bt, Ct, D, bias, self.softplus, out, self.threads)
+            scan_forward_arrays(u, delta, A, Bt, Ct, D, bias, self.softplus, outputs[0].data, self.threads)
             return True
 
     SelectiveScanOp = _SelectiveScanOp
@@ -143,6 +144,25 @@ def _selective_scan_op_class() -> type:
 
 
 SelectiveScanOp: type | None = None
+
+
+@functools.cache
+def _helper() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="openvino")
+
+
+def _off_main_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, in a helper thread when called on the main thread.
+
+    Why: OpenVINO calls back into Python (SelectiveScanOp, the frontend's conversion), and Python runs signal
+    handlers on the main thread only. A cancel (SIGTERM -> KeyboardInterrupt, :mod:`rs_engine.cli`) landing in
+    such a callback was thrown through OpenVINO's C++: compiling failed with an unrelated error, or an inference
+    never returned and the QGIS plugin had to kill the process. Here the interrupt reaches the main thread while
+    it waits, and the helper finishes its call (one tile, ~0.15 s) on its own.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    return _helper().submit(fn, *args).result()
 
 
 @functools.cache
@@ -219,8 +239,8 @@ def _compiled(path: str, mtime_ns: int, threads: int | None, streams: int, preci
         # not thousands) and compiles in about 1.2 s.
         config.pop("CACHE_DIR", None)
     try:
-        model = read_model(path, fused_scan, threads or max(1, (os.cpu_count() or 1) // streams))
-        return _openvino_core().compile_model(model, "CPU", config)
+        model = _off_main_thread(read_model, path, fused_scan, threads or max(1, (os.cpu_count() or 1) // streams))
+        return _off_main_thread(_openvino_core().compile_model, model, "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError (or its own classes) for any unreadable graph
         raise InputError(f"{path}: OpenVINO cannot run this model ({_first_line(exc)})") from None
 
@@ -338,7 +358,7 @@ class OpenVinoPredictor:
                     raise InputError(f"{self.path}: takes {self.input_shape[0]} band(s) of {self.tile_size} px "
                                      f"tiles (fixed at export), got {tuple(image.shape)}")
                 # The request's output tensors are overwritten by its next inference: infer() returns copies.
-                result = request.infer({0: np.ascontiguousarray(image, dtype=np.float32)})
+                result = _off_main_thread(request.infer, {0: np.ascontiguousarray(image, dtype=np.float32)})
                 outputs.append({name: result[port] for name, port in zip(self._names, self._outputs)})
         finally:
             self._requests.put(request)

@@ -256,3 +256,52 @@ def test_auto_takes_openvino_on_the_cpu_where_the_exported_graph_serves(tmp_path
     ran = [segment([raster], tmp_path / f"{i}.gpkg", SegmentOptions(threads=1, **kw)).runtime
            for i, kw in enumerate([{}, {"tile_size": 256}, {"score_threshold": 0.3}, {"score_threshold": 0.7}])]
     assert ran == ["openvino", "torch", "torch", "openvino"]  # exported: 512 px tiles, floor 0.5
+
+
+@needs_openvino
+def test_openvino_calls_back_into_python_off_the_main_thread(tiles, monkeypatch):
+    """Python runs signal handlers on the main thread: a cancel's KeyboardInterrupt raised inside the scan
+    operation was thrown through OpenVINO's C++ and hung the run (1 in 4 cancels) until the plugin killed it."""
+    import threading
+
+    from rs_engine import runtime_openvino as rov
+
+    pred = _openvino(monkeypatch, None)
+    assert pred.scan == "fused"
+    op = rov._selective_scan_op_class()
+    evaluate, on_main = op.evaluate, []
+
+    def spy(self, outputs, inputs):  # noqa: ANN001, ANN202
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return evaluate(self, outputs, inputs)
+
+    monkeypatch.setattr(op, "evaluate", spy)
+    pred([tiles[0]])
+    assert len(on_main) == 6 and not any(on_main)
+
+
+@needs_openvino
+def test_cancel_by_sigterm_mid_run_is_exit_130(tmp_path):
+    """SIGTERM (the QGIS plugin's cancel) mid-run with OpenVINO: cancelled, exit 130, nothing written."""
+    when = 1
+    import signal
+
+    big = tmp_path / "big.tif"
+    with rasterio.open(EXAMPLE) as ds:
+        pixels = np.tile(ds.read(window=((0, 900), (0, 900))), (1, 2, 2))
+    with rasterio.open(big, "w", driver="GTiff", width=1800, height=1800, count=3, dtype="uint8") as dst:
+        dst.write(pixels)
+    out = tmp_path / "o.gpkg"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rs_engine.cli", "segment", str(big), "-o", str(out),
+                             "--runtime", "openvino", "--progress", "jsonl"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["done"] >= when:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = [json.loads(line) for line in proc.stdout]
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, proc.stderr.read()
+    assert rest[-1] == {"event": "cancelled"} and not out.exists()
