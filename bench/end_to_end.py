@@ -145,6 +145,8 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
     if r["rc"] == 0:
         rec["mpx_per_s"] = round(mpx / r["seconds"], 4)
         rec["objects"] = done.get("features")
+        if runtime == "auto" and done.get("runtime"):
+            rec["runtime"] = done["runtime"]  # what auto picked
         for key in ("precision", "scan"):  # OpenVINO's inference precision (bf16 where the CPU has it) and scan
             if done.get(key):
                 rec[key] = done[key]
@@ -199,6 +201,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per segment run (end to end)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of the end-to-end runs, interleaved (A B A B ...); the table gives each run's median")
+    ap.add_argument("--stream-runtime", default="auto",
+                    help="runtime of the streaming runs (default auto: what rs-engine segment picks, OpenVINO where "
+                         "installed)")
     ap.add_argument("--stream-timeout", type=float, default=3600,
                     help="seconds per streaming run; a longer one is stopped and its peak RSS so far reported")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: e2e, stream, baseline (the ResNet-50)")
@@ -252,7 +257,7 @@ def main() -> None:
         for s in stream:
             raster = nwpu_mosaic(args.data / f"nwpu_mosaic_{s}.tif", s)
             record["stream"].append(measure(raster, args.model, args.data, args.tile_size, args.overlap,
-                                            args.batch_size, env, args.stream_timeout))
+                                            args.batch_size, env, args.stream_timeout, args.stream_runtime))
     write_outputs(args.out, "end_to_end", record, _table(record))
     _plot(record, args.out / "end_to_end.png")
 
@@ -274,10 +279,10 @@ def _table(rec: dict) -> str:
                                            f"{r['model']} ({r.get('runtime', 'torch')}): "
                                            f"{ok[0]['mpx_per_s'] / r['mpx_per_s']:.2f}x" for r in ok[1:]) + ".")
     if rec["stream"]:
-        lines += ["", "| raster side (px) | Mpx | Mpx/s | seconds | peak RSS (MB) | objects |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| raster side (px) | runtime | Mpx | Mpx/s | seconds | peak RSS (MB) | objects |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rec["stream"]:
-            lines.append(f"| {r['side']} | {r['mpx']} | {r.get('mpx_per_s', '-')} | {r['seconds']} | "
+            lines.append(f"| {r['side']} | {_runtime(r)} | {r['mpx']} | {r.get('mpx_per_s', '-')} | {r['seconds']} | "
                          f"{r['peak_rss_mb']} | {r.get('objects', r.get('error', '-'))} |")
         ok = [r for r in rec["stream"] if r["rc"] == 0 or r.get("partial")]
         if len(ok) >= 2:
