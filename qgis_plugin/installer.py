@@ -7,8 +7,9 @@ Nothing here imports the engine: every step is a command line run in its own QPr
 2. ``uv venv --relocatable --python <QGIS's Python> <profile>/delineate/engine.tmp-PID``: an isolated environment,
    without system site-packages, so QGIS's packages (and its GDAL) never meet the engine's.
 3. ``uv pip install --python <temp env> "delineate @ file:///<plugin>/wheels/delineate-*.whl"``: the wheel bundled
-   in the plugin zip (``delineate[train]``, with PyTorch and the training stack, for the full engine), its
-   dependencies from the package index, or from the local wheel folder only (``--offline --no-index --find-links``).
+   in the plugin zip (``delineate[train,openvino]``, with PyTorch, the training stack and OpenVINO, for the full
+   engine), its dependencies from the package index, or from the local wheel folder only (``--offline --no-index
+   --find-links``).
 4. ``<temp env's python> -m rs_engine.cli doctor`` must succeed.
 5. Only then the temp env replaces ``<profile>/delineate/engine`` (an older engine is removed) and the
    ``engine_python`` setting points at it.
@@ -36,8 +37,9 @@ from .settings import qgis_python, venv_python
 
 UV_VERSION = "0.13.9"
 # Why "train", not "torch": Retrain runs rs-train finetune, which needs the training stack (geopandas, pycocotools,
-# matplotlib) besides PyTorch; the train extra includes the torch extra.
-FULL_EXTRA = "train"
+# matplotlib) besides PyTorch; the train extra includes the torch extra. "openvino": Segment's default runtime
+# where it is installed, 2.4x PyTorch end to end on a 2-core CPU (README "Runtimes"); 180 MB beside PyTorch's GBs.
+FULL_EXTRA = "train,openvino"
 # Why: the engine environment must be built from QGIS's Python, never from a Python uv would download.
 UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
           "PYTHONUNBUFFERED": "1"}
@@ -77,7 +79,7 @@ class Step:
 class InstallPlan:
     """What to install where. ``home``: ``<profile>/delineate``; ``wheel``: the delineate wheel (None: the package
     ``delineate`` from the folder or the index); ``wheel_folder``: install offline from these wheels only;
-    ``full``: add PyTorch and the training stack (``delineate[train]``) for retraining."""
+    ``full``: add PyTorch, the training stack and OpenVINO (``delineate[train,openvino]``) for retraining."""
 
     python: str
     home: Path
@@ -108,7 +110,7 @@ class InstallPlan:
         return (self.uv_dir / f"uv-{UV_VERSION}.dist-info").is_dir() and self.uv_program().is_file()
 
     def requirement(self) -> str:
-        """``delineate`` (or ``delineate[train]``), from the bundled wheel's file URL when there is one."""
+        """``delineate`` (or ``delineate[train,openvino]``), from the bundled wheel's file URL when there is one."""
         name = f"delineate[{FULL_EXTRA}]" if self.full else "delineate"
         return f"{name} @ {self.wheel.resolve().as_uri()}" if self.wheel else name
 

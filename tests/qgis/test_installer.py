@@ -111,7 +111,7 @@ def test_installer_units(plugin_zip: Path, wheels: Path, tmp_path: Path) -> None
                        str(tmp_path / "units" / "wheels"), f"delineate @ {wheel_uri}"]
     assert doctor == [temp + "/bin/python", "-m", "rs_engine.cli", "doctor"]
     full_install = f["steps_online_full"][2][1]
-    assert full_install[-1] == f"delineate[train] @ {wheel_uri}"
+    assert full_install[-1] == f"delineate[train,openvino] @ {wheel_uri}"
     assert "--no-index" not in full_install and "--retries" in f["steps_online_full"][0][1]
     win_pip, win_venv, win_install, win_doctor = f["steps_windows"]
     assert win_venv[0] == str(home / "tools/uv/Scripts/uv.exe") and win_install[-1] == "delineate"
