@@ -139,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     emit = _Emitter(jsonl)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    from rs_engine.predict import limit_malloc_arenas
+
+    limit_malloc_arenas()  # first, before any library starts its threads
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(
