@@ -135,3 +135,18 @@ def test_doctor_names_the_runtimes():
     openvino = ["openvino"] if importlib.util.find_spec("openvino") else []  # an extra (issue 14)
     assert facts["runtimes"] == ["torch", "onnx", *openvino] and facts["onnxruntime"]
     assert facts["bundled_onnx"] == ["nwpu10", "ssdd-ship"]
+
+
+def test_card_of_a_broken_onnx_file_is_one_line_error(tmp_path):
+    """A truncated or junk .onnx file: one InputError line naming the file, from read_card (the onnx package
+    reads the metadata; ONNX Runtime only where it is absent)."""
+    from rs_engine.card import read_card
+
+    whole = (ROOT / "rs_engine" / "weights" / "nwpu10.onnx").read_bytes()
+    for name, data in [("cut.onnx", whole[: len(whole) // 2]), ("junk.onnx", b"\x08\x07junk" * 50)]:
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(InputError, match=f"^{bad}: ") as err:
+            read_card(bad)
+        assert "\n" not in str(err.value)
+    assert read_card(ROOT / "rs_engine" / "weights" / "nwpu10.onnx").name == "nwpu10"
