@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from rs_engine.card import ModelCard, _first_line
+from rs_engine.card import ModelCard, _first_line, read_card
 from rs_engine.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,9 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
 
     Kept in ``<openvino cache>/scan-graphs/``, named by a hash of the weights file, tile size, floor and
     :data:`_SCAN_GRAPH_VERSION`; written to a temporary name and renamed, so that concurrent runs never read a
-    partial file. Without a cache folder it goes to a temporary folder the caller removes.
+    partial file. Without a cache folder it goes to a temporary folder (``<tmp>/delineate-ov-*/scan-graphs/``),
+    which :class:`OpenVinoPredictor` removes once compiled. ``(None, why)`` also where the ``.safetensors``'s card
+    is not the ``.onnx``'s (weights retrained after the export).
     """
     import importlib.util
 
@@ -197,6 +200,12 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
     weights = onnx_path.with_suffix(".safetensors")
     if not weights.is_file():
         return None, f"no {weights.name} beside {onnx_path.name}"
+    try:
+        same = _same_model(read_card(weights), card)
+    except InputError as exc:
+        return None, str(exc)
+    if not same:  # e.g. retrained after the export: run what the .onnx holds, not newer weights
+        return None, f"{weights.name}'s card differs from {onnx_path.name}'s"
     if not fused_cpu_available():
         return None, fused_cpu_status()
     spec = (card.provenance or {}).get("onnx", {})
@@ -220,6 +229,17 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
     except (OSError, InputError) as exc:
         return None, f"cannot export the fused-scan graph ({_first_line(exc)})"
     return out, "exported"
+
+
+def _same_model(a: ModelCard, b: ModelCard) -> bool:
+    """Whether two cards describe the same trained model, whatever tile size an export fixed."""
+    def core(c: ModelCard) -> dict:
+        d = dict(c.__dict__)
+        d["provenance"] = {k: v for k, v in (d.get("provenance") or {}).items() if k != "onnx"}
+        d.pop("tile_size", None)
+        return d
+
+    return core(a) == core(b)
 
 
 @functools.lru_cache(maxsize=4)
@@ -327,6 +347,8 @@ class OpenVinoPredictor:
                 self.scan, graph = "graph", path
         self.compiled = _compiled(str(graph), graph.stat().st_mtime_ns if graph != path else mtime, threads,
                                   max(1, streams), precision, self.scan == "fused")
+        if graph != path and openvino_cache_dir() is None:  # exported to a temporary folder: compiled, not needed
+            shutil.rmtree(graph.parent.parent, ignore_errors=True)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.input_shape = tuple(int(d) for d in self.compiled.input(0).get_shape())
         self.tile_size = self.input_shape[-1]

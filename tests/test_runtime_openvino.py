@@ -232,6 +232,10 @@ def test_fused_scan_needs_the_weights_beside_the_onnx_file(tmp_path, monkeypatch
     monkeypatch.delenv(rt.SCAN_ENV, raising=False)
     pred, _ = rt.load_predictor(alone, runtime="openvino", threads=1)
     assert pred.scan == "graph"
+    # weights of another model beside it (as after retraining without a new export): not used either
+    alone.with_suffix(".safetensors").write_bytes(bundled_models(".safetensors")["ssdd-ship"].read_bytes())
+    pred, _ = rt.load_predictor(alone, runtime="openvino", threads=1)
+    assert pred.scan == "graph"
     monkeypatch.setenv(rt.SCAN_ENV, "kernel")
     with pytest.raises(InputError, match=f"^{rt.SCAN_ENV}=kernel: use fused or graph \\(or leave it unset\\)$"):
         rt.load_predictor("nwpu10", runtime="openvino", threads=1)
@@ -305,3 +309,15 @@ def test_cancel_by_sigterm_mid_run_is_exit_130(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == 130, proc.stderr.read()
     assert rest[-1] == {"event": "cancelled"} and not out.exists()
+
+
+@needs_openvino
+def test_fused_scan_without_a_cache_folder_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """DELINEATE_OPENVINO_CACHE=off: the fused-scan graph is exported to a temporary folder, compiled, removed."""
+    import tempfile
+
+    monkeypatch.setenv(rt.CACHE_ENV, "off")
+    monkeypatch.delenv(rt.SCAN_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pred, _ = rt.load_predictor("nwpu10", runtime="openvino", threads=1)
+    assert pred.scan == "fused" and list(tmp_path.iterdir()) == []
