@@ -35,7 +35,7 @@ from rs_engine.inputs import expand_inputs, open_sources, output_crs
 from rs_engine.postprocess import MergedObject, TileMerger, as_multipolygon, to_map
 from rs_engine.predict import Predictor, TileBatch, limit_malloc_arenas, local_batches, predict_tiles, stream_plan
 from rs_engine.raster import RasterSource, check_extent
-from rs_engine.runtime import choose_runtime, load_predictor, model_file
+from rs_engine.runtime import choose_runtime, load_predictor, model_file, torch_available
 from rs_engine.tiling import TilePlan
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,8 @@ def segment(
     if card is None:
         runtime = choose_runtime(options.model, options.runtime, options.device)
         card = read_card(model_file(options.model, runtime))  # the card alone is cheap; weights load later
-        if options.runtime == "auto" and runtime == "openvino" and not _fits_export(card, options):
+        if options.runtime == "auto" and runtime == "openvino" and not _fits_export(card, options) \
+                and torch_available() and not str(options.model).lower().endswith(".onnx"):
             runtime = "torch"  # a bundled model whose exported graph fixes another tile size or a higher floor
             card = read_card(model_file(options.model, runtime))
             options = replace(options, runtime=runtime)  # cluster workers too

@@ -63,7 +63,8 @@ def choose_runtime(spec: str | os.PathLike, runtime: str = "auto", device: str =
     """``"torch"``, ``"onnx"`` or ``"openvino"`` for a model spec (bundled name or path), the ``--runtime`` choice
     and the ``--device``.
 
-    ``auto``: without PyTorch (the light engine) ONNX Runtime; else OpenVINO where it is installed, the model has
+    ``auto``: without PyTorch, OpenVINO where it is installed (its exported scan; no CUDA driver in sight), else
+    ONNX Runtime (the light engine); with PyTorch, OpenVINO where it is installed, the model has
     an ``.onnx`` form (a bundled name, or an ``.onnx`` file: never a ``.safetensors`` path, whose ``.onnx``
     sibling may be older than it) and the device is the CPU: on the 2-core Xeon it segments 2.8x faster than
     PyTorch for 0.5 mask AP (bf16; docs/benchmarks.md 2b); else ONNX Runtime for an ``.onnx`` file, PyTorch
@@ -77,9 +78,11 @@ def choose_runtime(spec: str | os.PathLike, runtime: str = "auto", device: str =
         raise InputError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
     if runtime == "auto":
         onnx_file = str(spec).lower().endswith(".onnx")
-        if not torch_available():
-            runtime = "onnx"
-        elif openvino_available() and (onnx_file or str(spec) in bundled_models(".onnx")) and _on_cpu(device):
+        exported = onnx_file or str(spec) in bundled_models(".onnx")
+        if not torch_available():  # OpenVINO where installed (its exported scan), else ONNX Runtime
+            cpu = device == "cpu" or (device == "auto" and not _nvidia_driver())
+            runtime = "openvino" if openvino_available() and exported and cpu else "onnx"
+        elif openvino_available() and exported and _on_cpu(device):
             runtime = "openvino"
         else:
             runtime = "onnx" if onnx_file else "torch"
@@ -99,15 +102,20 @@ def _on_cpu(device: str) -> bool:
     is the CPU without importing PyTorch, which would cost an OpenVINO run 1.5 s and 500 MB of RSS."""
     if device != "auto":
         return device == "cpu"
-    import ctypes.util
-    import shutil
-
-    if not (Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi")
-            or ctypes.util.find_library("nvcuda")):
+    if not _nvidia_driver():
         return True
     import torch
 
     return not torch.cuda.is_available()
+
+
+def _nvidia_driver() -> bool:
+    """Whether an NVIDIA driver is in sight (Linux's ``/proc`` entry, ``nvidia-smi``, Windows' ``nvcuda``)."""
+    import ctypes.util
+    import shutil
+
+    return bool(Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi")
+                or ctypes.util.find_library("nvcuda"))
 
 
 def model_file(spec: str | os.PathLike, runtime: str) -> Path:

@@ -321,3 +321,16 @@ def test_fused_scan_without_a_cache_folder_leaves_no_temporary_file(tmp_path, mo
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     pred, _ = rt.load_predictor("nwpu10", runtime="openvino", threads=1)
     assert pred.scan == "fused" and list(tmp_path.iterdir()) == []
+
+
+@needs_openvino
+def test_auto_without_pytorch_takes_openvino_for_exported_models(monkeypatch):
+    """OpenVINO installed beside the light engine: auto runs it (the exported scan), not ONNX Runtime."""
+    monkeypatch.setattr(rt, "torch_available", lambda: False)
+    monkeypatch.setattr(rt, "_nvidia_driver", lambda: False)
+    assert rt.choose_runtime("nwpu10", "auto", "auto") == "openvino"
+    assert rt.choose_runtime("nwpu10", "auto", "cuda") == "onnx"
+    monkeypatch.setattr(rt, "_nvidia_driver", lambda: True)  # maybe a GPU: ONNX Runtime's CUDA provider
+    assert rt.choose_runtime("nwpu10", "auto", "auto") == "onnx"
+    monkeypatch.setattr(rt, "openvino_available", lambda: False)
+    assert rt.choose_runtime("nwpu10", "auto", "cpu") == "onnx"
