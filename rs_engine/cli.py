@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
                    help="PyTorch, ONNX Runtime or OpenVINO (CPU; precision: DELINEATE_OPENVINO_PRECISION=f32|bf16|f16, "
                    "default OpenVINO's fastest) (default auto: openvino where installed, for bundled models and .onnx "
-                   "files on the CPU; onnx without PyTorch; else torch)")
+                   "files on the CPU; else onnx for .onnx files or without PyTorch; else torch)")
     s.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime, all streams together "
                    "(default: OMP_NUM_THREADS, else all cores)")
     s.add_argument("--streams", type=int, metavar="N", help="batches predicted at once on the CPU, each on "

@@ -53,8 +53,8 @@ class SegmentOptions:
 
     model: str = "nwpu10"  # bundled model name, or path to a .safetensors (PyTorch) or .onnx model file
     device: str = "auto"  # auto | cpu | cuda | cuda:N (rs_engine.device)
-    runtime: str = "auto"  # auto | torch | onnx | openvino (rs_engine.runtime.choose_runtime: auto is onnx without
-    # PyTorch, openvino on the CPU where installed for bundled models and .onnx files, else onnx or torch)
+    runtime: str = "auto"  # auto | torch | onnx | openvino (rs_engine.runtime.choose_runtime: auto is openvino on
+    # the CPU where installed for bundled models and .onnx files, else onnx for .onnx or without PyTorch, else torch)
     threads: int | None = None  # CPU threads of the runtime, all streams together; None: OMP_NUM_THREADS or all cores
     streams: int | None = None  # batches predicted at once, in threads of this process; None: auto (CPU: one per
     # thread, at most 4, each with threads // streams runtime threads; CUDA or a caller's predictor: 1)

@@ -175,9 +175,9 @@ def limit_malloc_arenas() -> None:
 
     Why: each thread that allocates gets its own heap, and each heap keeps freed pages scattered among live blocks
     that :func:`release_free_memory` cannot return; peak RSS then grew with the length of the run (2-core Xeon,
-    OpenVINO, 2 threads, batch 1: 704 MB at 2048 px, 784 MB at 8192 px; capped at 2: 699 and 736 MB, in 3% less
-    time). Heaps already made are kept, so :func:`rs_engine.pipeline.segment` calls it before loading the model;
-    a no-op where the C library is not glibc."""
+    OpenVINO, 2 threads, batch 1, one run each: 704 MB at 2048 px, 784 MB at 8192 px; with ``MALLOC_ARENA_MAX=2``
+    699 and 736 MB). Heaps already made are kept, so :func:`rs_engine.pipeline.segment` calls it before loading
+    the model; a no-op where the C library is not glibc."""
     try:
         import ctypes
 

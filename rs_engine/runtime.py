@@ -6,9 +6,9 @@ x1y1x2y2 tile pixels, ``labels`` (K,) 1..num_classes, ``scores`` (K,) 0-1 and ``
 probabilities, as numpy arrays: torchvision Mask R-CNN's eval-mode convention, whichever runtime computes it.
 The pipeline (:mod:`rs_engine.pipeline`) sees only that, so tiling, merging and writing are one code path.
 
-``--runtime auto`` takes ONNX Runtime when PyTorch is not installed (the light engine, ``pip install delineate``);
-else OpenVINO on the CPU where it is installed and the model has an ``.onnx`` form; else ONNX Runtime for an
-``.onnx`` file and PyTorch for the rest (:func:`choose_runtime`).
+``--runtime auto`` takes OpenVINO on the CPU where it is installed and the model has an ``.onnx`` form; else ONNX
+Runtime for an ``.onnx`` file or when PyTorch is not installed (the light engine, ``pip install delineate``), and
+PyTorch for the rest (:func:`choose_runtime`).
 Nothing here imports PyTorch or OpenVINO unless it runs them.
 """
 
@@ -79,13 +79,10 @@ def choose_runtime(spec: str | os.PathLike, runtime: str = "auto", device: str =
     if runtime == "auto":
         onnx_file = str(spec).lower().endswith(".onnx")
         exported = onnx_file or str(spec) in bundled_models(".onnx")
-        if not torch_available():  # OpenVINO where installed (its exported scan), else ONNX Runtime
-            cpu = device == "cpu" or (device == "auto" and not _nvidia_driver())
-            runtime = "openvino" if openvino_available() and exported and cpu else "onnx"
-        elif openvino_available() and exported and _on_cpu(device):
+        if openvino_available() and exported and _on_cpu(device):
             runtime = "openvino"
         else:
-            runtime = "onnx" if onnx_file else "torch"
+            runtime = "onnx" if onnx_file or not torch_available() else "torch"
     if runtime == "torch" and not torch_available():
         raise InputError("--runtime torch: PyTorch is not installed (pip install 'delineate[torch]')")
     if runtime == "onnx" and not onnxruntime_available():
@@ -99,11 +96,14 @@ def _on_cpu(device: str) -> bool:
     """True when ``device`` (``auto``, ``cpu``, ``cuda[:N]``) runs on the CPU: ``auto`` on a machine without CUDA.
 
     Without an NVIDIA driver in sight (``/proc/driver/nvidia/version``, ``nvidia-smi``, ``nvcuda``) the answer
-    is the CPU without importing PyTorch, which would cost an OpenVINO run 1.5 s and 500 MB of RSS."""
+    is the CPU without importing PyTorch, which would cost an OpenVINO run 1.5 s and 500 MB of RSS. With a driver
+    and no PyTorch, not the CPU: ONNX Runtime's CUDA provider may run."""
     if device != "auto":
         return device == "cpu"
     if not _nvidia_driver():
         return True
+    if not torch_available():
+        return False
     import torch
 
     return not torch.cuda.is_available()

@@ -212,14 +212,14 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
     tile, floor = spec.get("tile_size", card.tile_size), spec.get("min_score", card.score_threshold)
     digest = hashlib.sha256(weights.read_bytes())
     digest.update(f"{tile} {floor} {_SCAN_GRAPH_VERSION}".encode())
-    root = Path(openvino_cache_dir() or tempfile.mkdtemp(prefix="delineate-ov-"))
-    out = root / "scan-graphs" / f"{onnx_path.stem}-{digest.hexdigest()[:16]}.onnx"
-    if out.is_file():
-        return out, "cached"  # PyTorch is not even imported
+    name, cache = f"{onnx_path.stem}-{digest.hexdigest()[:16]}.onnx", openvino_cache_dir()
+    if cache and (Path(cache) / "scan-graphs" / name).is_file():
+        return Path(cache) / "scan-graphs" / name, "cached"  # PyTorch is not even imported
     if importlib.util.find_spec("torch") is None:
         return None, "PyTorch is not installed (it exports the graph once)"
     from rs_engine.export import export_onnx
 
+    out = Path(cache or tempfile.mkdtemp(prefix="delineate-ov-")) / "scan-graphs" / name
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.onnx")
@@ -252,12 +252,10 @@ def _compiled(path: str, mtime_ns: int, threads: int | None, streams: int, preci
         config["INFERENCE_NUM_THREADS"] = threads * streams
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
-    if cache := openvino_cache_dir():
+    # No compiled blob for the fused-scan graph: it would have to hold the Python operation; that graph is small
+    # (one node per scan, not thousands) and compiles in about 1.2 s.
+    if not fused_scan and (cache := openvino_cache_dir()):
         config["CACHE_DIR"] = cache
-    if fused_scan:
-        # No compiled blob: it would have to hold the Python operation; the graph is small (one node per scan,
-        # not thousands) and compiles in about 1.2 s.
-        config.pop("CACHE_DIR", None)
     try:
         model = _off_main_thread(read_model, path, fused_scan, threads or max(1, (os.cpu_count() or 1) // streams))
         return _off_main_thread(_openvino_core().compile_model, model, "CPU", config)
@@ -335,7 +333,7 @@ class OpenVinoPredictor:
 
         path = Path(path)
         try:
-            mtime = path.stat().st_mtime_ns
+            path.stat()
         except OSError as exc:
             raise InputError(f"{path}: cannot read the model ({exc.strerror})") from None
         precision, self.scan = openvino_precision(), openvino_scan()
@@ -345,8 +343,8 @@ class OpenVinoPredictor:
             if graph is None:
                 log.info("OpenVINO: the selective scans run as exported operators: %s", why)
                 self.scan, graph = "graph", path
-        self.compiled = _compiled(str(graph), graph.stat().st_mtime_ns if graph != path else mtime, threads,
-                                  max(1, streams), precision, self.scan == "fused")
+        self.compiled = _compiled(str(graph), graph.stat().st_mtime_ns, threads, max(1, streams), precision,
+                                  self.scan == "fused")
         if graph != path and openvino_cache_dir() is None:  # exported to a temporary folder: compiled, not needed
             shutil.rmtree(graph.parent.parent, ignore_errors=True)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()

@@ -109,7 +109,7 @@ class FastMultiScaleRoIAlign(MultiScaleRoIAlign):
             return self._export_forward(x, boxes, image_shapes)
         feats = [x[k] for k in self.featmap_names]
         if not (torch.is_grad_enabled() and any(f.requires_grad for f in feats)) or self.sampling_ratio < 1 \
-                or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+                or torch.jit.is_tracing():
             return super().forward(x, boxes, image_shapes)
         if self.scales is None or self.map_levels is None:
             super().forward(x, [b[:0] for b in boxes], image_shapes)  # sets scales and the level mapper

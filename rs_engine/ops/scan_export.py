@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from rs_engine.ops.scan_contract import as_groups
 from rs_engine.ops.scan_kernel import CUSTOM_OP_DOMAIN, CUSTOM_OP_TYPE
 
 
@@ -172,12 +173,8 @@ def selective_scan_custom_op(
     kernel); the bundled ``.onnx`` files keep the standard-operator scan.
     """
     dtype_in = u.dtype
-    f32 = [t.float() for t in (u, delta, A, B, C)]
-    u, delta, A, B, C = f32
-    B = B.unsqueeze(1) if B.dim() == 3 else B
-    C = C.unsqueeze(1) if C.dim() == 3 else C
-    ng = max(B.shape[1], C.shape[1])
-    B, C = B.expand(B.shape[0], ng, *B.shape[2:]), C.expand(C.shape[0], ng, *C.shape[2:])
+    u, delta, A, B, C = (t.float() for t in (u, delta, A, B, C))
+    B, C = as_groups(B, C)
     zeros = u.new_zeros(u.shape[1])
     D = zeros if D is None else D.float()
     bias = zeros if delta_bias is None else delta_bias.float()
