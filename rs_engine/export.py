@@ -1,15 +1,18 @@
 """``rs-engine export``: a PyTorch model file -> one ONNX graph that ONNX Runtime runs without PyTorch.
 
-The whole network is exported (backbone, FPN, RPN, RoI box head, mask head and mask pasting; torchvision's
-detection models trace to ONNX with their own tracing paths) for one (C, T, T) tile at a fixed tile size, by
+The whole network is exported (backbone, FPN, RPN, RoI box head and mask head; torchvision's detection models
+trace to ONNX with their own tracing paths) for one (C, T, T) tile at a fixed tile size, by
 ``torch.onnx.export``'s TorchScript tracer (opset 17). The selective scans trace through
 :func:`rs_engine.ops.scan_export.selective_scan_export`, made of standard operators, instead of the chunked
 scan's autograd Function (which would export as an opaque ``PythonOp``).
 
-The model card goes into the graph's ``metadata_props`` under ``"model_card"``, with ``provenance["onnx"]``
-saying what the graph fixed: tile size, box-score floor, opset. Weights are stored as float16 (the bundled
-``.safetensors`` are float16 already, so nothing is lost) and cast to float32 once, when ONNX Runtime folds
-the ``Cast`` nodes at session creation, so the file is half the size and inference still runs in float32.
+Outputs: ``boxes`` (K, 4), ``labels`` (K,), ``scores`` (K,) and ``roi_masks`` (K, 1, M, M), each mask in its
+box's frame: the engine pastes it into the box's window of the tile (:mod:`rs_engine.maskpaste`), so no full-tile
+plane per detection is ever made. The model card goes into the graph's ``metadata_props`` under
+``"model_card"``, with ``provenance["onnx"]`` saying what the graph fixed: tile size, box-score floor, opset.
+Weights are stored as float16 (the bundled ``.safetensors`` are float16 already, so nothing is lost) and cast to
+float32 once, when ONNX Runtime folds the ``Cast`` nodes at session creation, so the file is half the size and
+inference still runs in float32.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def export_onnx(
         raise InputError(f"--min-score {floor}: use a value from 0 to 1")
     model.roi_heads.score_thresh = floor
     model.transform.min_size, model.transform.max_size = (size,), size
+    model.transform.paste = False  # masks in their boxes' frames (roi_masks); the engine pastes them (maskpaste)
     card.tile_size = size
     card.provenance = {**card.provenance, "onnx": {"tile_size": size, "min_score": floor, "opset": OPSET}}
     image = torch.rand(card.bands, size, size)

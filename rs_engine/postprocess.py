@@ -45,6 +45,7 @@ from shapely import affinity
 from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 
+from rs_engine.maskpaste import paste_window
 from rs_engine.tiling import Tile, TilePlan
 
 log = logging.getLogger(__name__)
@@ -154,8 +155,10 @@ def tile_instances(
     """Turn one tile's Mask R-CNN-style prediction into :class:`Instance` s in grid pixels.
 
     Args:
-        prediction: ``labels`` (K,) int 1..num_classes, ``scores`` (K,) 0-1, ``masks`` (K, 1, T, T) or
-            (K, T, T) float probabilities in tile pixels (``boxes`` is not needed: masks carry the shape).
+        prediction: ``labels`` (K,) int 1..num_classes, ``scores`` (K,) 0-1, and the masks either as ``masks``
+            (K, 1, T, T) or (K, T, T) float probabilities in tile pixels, or as ``roi_masks`` (K, 1, M, M)
+            probabilities in each box's frame with ``boxes`` (K, 4) x1y1x2y2 tile pixels (the exported graphs'
+            form, pasted here box by box: :func:`rs_engine.maskpaste.paste_window`).
         tile: the tile predicted.
         valid: (T, T) bool, False on nodata and padding pixels, where masks are cleared.
         score_threshold: instances scoring below are dropped.
@@ -164,35 +167,24 @@ def tile_instances(
         edge_margin: a mask within this many pixels of an interior tile edge is a fragment, not complete.
 
     Raises:
-        ValueError: masks that don't match the tile size (a predictor bug).
+        ValueError: masks that don't match the tile size, or neither ``masks`` nor ``roi_masks`` (a predictor bug).
     """
     scores = _to_numpy(prediction["scores"]).reshape(-1)
     labels = _to_numpy(prediction["labels"]).reshape(-1)
     keep = np.flatnonzero(scores >= score_threshold)
     if keep.size == 0:
         return []
-    masks = _to_numpy(prediction["masks"])
-    size = tuple(masks.shape[-2:])
-    if size != valid.shape:
-        raise ValueError(f"predictor returned masks of {size} px for a {valid.shape} tile")
-    masks = masks.reshape(-1, *size)
-    if keep.size < len(masks):
-        masks = masks[keep]
-    # Threshold all instances at once; afterwards only each instance's bounding box is looked at.
-    binary = masks > mask_threshold
-    binary &= valid
-    rows_any, cols_any = binary.any(axis=2), binary.any(axis=1)
     cx0, cy0, cx1, cy1 = tile.core
     core = box(cx0, cy0, cx1, cy1)
     left, top, right, bottom = tile.interior
-    m, h, w = edge_margin, size[0], size[1]
+    m, h, w = edge_margin, valid.shape[0], valid.shape[1]
     out = []
-    for i, k in enumerate(keep):
-        rows, cols = np.flatnonzero(rows_any[i]), np.flatnonzero(cols_any[i])
+    for k, window, wr, wc in _binary_windows(prediction, keep, valid, mask_threshold):
+        rows, cols = np.flatnonzero(window.any(axis=1)), np.flatnonzero(window.any(axis=0))
         if rows.size == 0:
             continue
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        crop = binary[i, r0:r1, c0:c1]
+        r0, r1, c0, c1 = wr + int(rows[0]), wr + int(rows[-1]) + 1, wc + int(cols[0]), wc + int(cols[-1]) + 1
+        crop = window[r0 - wr:r1 - wr, c0 - wc:c1 - wc]
         if np.count_nonzero(crop) < min_pixels:
             continue
         full = mask_to_geometry(crop, tile.x0 + c0, tile.y0 + r0, min_pixels)
@@ -213,6 +205,30 @@ def tile_instances(
             )
         )
     return out
+
+
+def _binary_windows(prediction: Mapping[str, Any], keep: np.ndarray, valid: np.ndarray,
+                    mask_threshold: float) -> Iterator[tuple[int, np.ndarray, int, int]]:
+    """``(k, binary window, row0, col0)`` for each kept instance: its thresholded mask, cleared where not valid."""
+    size = valid.shape
+    if "masks" in prediction:  # full-tile planes (a prompt-head model, YOLO, a caller's own predictor)
+        masks = _to_numpy(prediction["masks"])
+        if tuple(masks.shape[-2:]) != size:
+            raise ValueError(f"predictor returned masks of {tuple(masks.shape[-2:])} px for a {size} tile")
+        masks = masks.reshape(-1, *size)
+        binary = (masks[keep] if keep.size < len(masks) else masks) > mask_threshold  # all at once: vectorised
+        binary &= valid
+        for i, k in enumerate(keep):
+            yield int(k), binary[i], 0, 0
+        return
+    if "roi_masks" not in prediction:
+        raise ValueError(f"predictor returned neither masks nor roi_masks (keys: {sorted(prediction)})")
+    roi, boxes = _to_numpy(prediction["roi_masks"]), _to_numpy(prediction["boxes"]).reshape(-1, 4)
+    for k in keep:
+        window, r0, c0 = paste_window(roi[k], boxes[k], size)
+        binary = window > mask_threshold
+        binary &= valid[r0:r0 + binary.shape[0], c0:c0 + binary.shape[1]]
+        yield int(k), binary, r0, c0
 
 
 class TileMerger:

@@ -2,8 +2,11 @@
 (both on the ``.onnx`` form).
 
 A predictor is ``predictor(list of (C, T, T) float32 normalised arrays) -> list of dicts`` with ``boxes`` (K, 4)
-x1y1x2y2 tile pixels, ``labels`` (K,) 1..num_classes, ``scores`` (K,) 0-1 and ``masks`` (K, 1, T, T)
-probabilities, as numpy arrays: torchvision Mask R-CNN's eval-mode convention, whichever runtime computes it.
+x1y1x2y2 tile pixels, ``labels`` (K,) 1..num_classes, ``scores`` (K,) 0-1 and ``roi_masks`` (K, 1, M, M)
+probabilities in each box's frame (the mask head's output), as numpy arrays, whichever runtime computes it; the
+pipeline pastes them box by box (:mod:`rs_engine.maskpaste`). A predictor may return full-tile ``masks``
+(K, 1, T, T) instead (torchvision's eval-mode convention: a prompt-head model, a graph exported before
+box-frame masks).
 The pipeline (:mod:`rs_engine.pipeline`) sees only that, so tiling, merging and writing are one code path.
 
 ``--runtime auto`` takes OpenVINO on the CPU where it is installed and the model has an ``.onnx`` form; else ONNX
@@ -42,7 +45,9 @@ log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 #: ONNX graph input and outputs, as ``rs-engine export`` names them.
-ONNX_INPUT, ONNX_OUTPUTS = "image", ("boxes", "labels", "scores", "masks")
+ONNX_INPUT, ONNX_OUTPUTS = "image", ("boxes", "labels", "scores", "roi_masks")
+#: What graphs exported before box-frame masks name their last output: full-tile (K, 1, T, T) masks.
+ONNX_OUTPUTS_FULL_MASKS = ("boxes", "labels", "scores", "masks")
 
 
 def torch_available() -> bool:
@@ -191,6 +196,8 @@ class TorchPredictor:
         import torch
 
         self.model = model
+        if hasattr(model.transform, "paste"):  # box-frame masks, pasted box by box by the pipeline (maskpaste)
+            model.transform.paste = False
         param = next(model.parameters(), None)
         self.device = param.device if param is not None else torch.device("cpu")
 
@@ -200,7 +207,7 @@ class TorchPredictor:
         return self.device.type == "cuda"
 
     def set_score_threshold(self, threshold: float) -> None:
-        """Drop low scores inside the box head, before a full-tile mask is pasted for each detection."""
+        """Drop low scores inside the box head, before the mask head runs on them."""
         heads = self.model.roi_heads
         heads.score_thresh = max(heads.score_thresh, threshold)
 
@@ -255,6 +262,9 @@ class OnnxPredictor:
         self.input_shape = tuple(int(s) for s in shape)
         self.tile_size = self.input_shape[-1]
         self.path = path
+        self._names = [o.name for o in self.session.get_outputs()]
+        if set(self._names) not in (set(ONNX_OUTPUTS), set(ONNX_OUTPUTS_FULL_MASKS)):
+            self._names = list(ONNX_OUTPUTS)  # names lost: by position, as rs-engine export orders them
 
     @property
     def on_gpu(self) -> bool:
@@ -271,5 +281,5 @@ class OnnxPredictor:
                 raise InputError(f"{self.path}: takes {self.input_shape[0]} band(s) of {self.tile_size} px tiles "
                                  f"(fixed at export), got {tuple(image.shape)}")
             values = self.session.run(None, {ONNX_INPUT: np.ascontiguousarray(image, dtype=np.float32)})
-            outputs.append(dict(zip(ONNX_OUTPUTS, values)))
+            outputs.append(dict(zip(self._names, values)))
         return outputs

@@ -45,7 +45,7 @@ OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
 #: Environment variable choosing how the selective scans run: ``fused`` (the C kernel, default) or ``graph``.
 SCAN_ENV = "DELINEATE_OPENVINO_SCAN"
 #: Bumped when the custom-node export changes, so that graphs cached by an older version are not reused.
-_SCAN_GRAPH_VERSION = "3"
+_SCAN_GRAPH_VERSION = "4"
 
 
 def openvino_precision() -> str | None:
@@ -329,7 +329,7 @@ class OpenVinoPredictor:
     runtime = "openvino"
 
     def __init__(self, path: Path, card: ModelCard, threads: int | None = None, streams: int = 1) -> None:
-        from rs_engine.runtime import ONNX_OUTPUTS  # here: rs_engine.runtime imports this module
+        from rs_engine.runtime import ONNX_OUTPUTS, ONNX_OUTPUTS_FULL_MASKS  # here: runtime imports this module
 
         path = Path(path)
         try:
@@ -352,10 +352,11 @@ class OpenVinoPredictor:
         self.tile_size = self.input_shape[-1]
         self.path = path
         outputs = self.compiled.outputs
-        # By tensor name, as rs-engine export names them; by position for a graph whose names were lost.
-        named = all(any(n in o.get_names() for o in outputs) for n in ONNX_OUTPUTS)
-        self._names = ONNX_OUTPUTS
-        self._outputs = [self.compiled.output(n) for n in ONNX_OUTPUTS] if named else list(outputs)
+        # By tensor name (box-frame masks, or an older graph's full-tile masks); by position where names were lost.
+        found = [names for names in (ONNX_OUTPUTS, ONNX_OUTPUTS_FULL_MASKS)
+                 if all(any(n in o.get_names() for o in outputs) for n in names)]  # fmt: skip
+        self._names = found[0] if found else ONNX_OUTPUTS
+        self._outputs = [self.compiled.output(n) for n in self._names] if found else list(outputs)
         # An infer request runs one inference at a time: one per caller stream, each reused for every tile.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(max(1, streams)):

@@ -14,6 +14,7 @@ import torch
 
 from rs_engine.card import bundled_models, read_card
 from rs_engine.errors import InputError
+from rs_engine.maskpaste import paste_window
 from rs_engine.ops.scan_export import export_chunk_size, selective_scan_export
 from rs_engine.ops.scan_reference import selective_scan_ref
 from rs_engine.runtime import OnnxPredictor, load_predictor
@@ -54,6 +55,14 @@ def test_bundled_onnx_carries_the_bundled_card(name):
     assert onnx_path.stat().st_size < 25e6  # float16 weights
 
 
+def _pasted(mask: np.ndarray, box: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One RoI mask pasted into a full (H, W) tile plane."""
+    window, r0, c0 = paste_window(mask, box, size)
+    full = np.zeros(size, np.float32)
+    full[r0:r0 + window.shape[0], c0:c0 + window.shape[1]] = window
+    return full
+
+
 def test_onnx_predictor_matches_torch_on_a_real_tile():
     """Same detections, scores and masks from ONNX Runtime as from PyTorch, on a tile of a real SAR scene.
 
@@ -73,8 +82,11 @@ def test_onnx_predictor_matches_torch_on_a_real_tile():
     np.testing.assert_allclose(b["scores"], a["scores"][keep_a], atol=5e-3)
     np.testing.assert_array_equal(b["labels"], a["labels"][keep_a])
     np.testing.assert_allclose(b["boxes"], a["boxes"][keep_a], atol=0.5)  # pixels
-    ma, mb = a["masks"][keep_a] > 0.5, b["masks"] > 0.5
-    iou = (ma & mb).sum((1, 2, 3)) / (ma | mb).sum((1, 2, 3))
+    assert b["roi_masks"].shape == (len(b["scores"]), 1, 28, 28)  # box-frame masks: the engine pastes them
+    size = tile.shape[-2:]
+    ma = np.stack([_pasted(m, box, size) for m, box in zip(a["roi_masks"][keep_a], a["boxes"][keep_a])]) > 0.5
+    mb = np.stack([_pasted(m, box, size) for m, box in zip(b["roi_masks"], b["boxes"])]) > 0.5
+    iou = (ma & mb).sum((1, 2)) / (ma | mb).sum((1, 2))
     assert iou.min() >= 0.98, iou
 
 
@@ -98,7 +110,7 @@ def test_export_cli_writes_a_model_onnx_runtime_runs(tmp_path):
     assert pred.runtime == "onnx" and pred.input_shape == (1, 128, 128)
     auto, _ = load_predictor(out, threads=1, device="cpu")  # an .onnx file: OpenVINO where installed, else ORT
     assert auto.runtime == ("openvino" if importlib.util.find_spec("openvino") else "onnx")
-    assert set(pred([np.zeros((1, 128, 128), np.float32)])[0]) == {"boxes", "labels", "scores", "masks"}
+    assert set(pred([np.zeros((1, 128, 128), np.float32)])[0]) == {"boxes", "labels", "scores", "roi_masks"}
     again = subprocess.run([sys.executable, "-m", "rs_engine.cli", "export", "ssdd-ship", "-o", str(out)],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert again.returncode == 2 and again.stderr.strip().endswith("exists (use --overwrite to replace it)")

@@ -81,7 +81,7 @@ def test_f32_gives_onnx_runtimes_detections(tiles, onnx_outputs, monkeypatch):
         np.testing.assert_array_equal(out["labels"], ref["labels"])
         np.testing.assert_allclose(out["scores"], ref["scores"], atol=1e-3)
         np.testing.assert_allclose(out["boxes"], ref["boxes"], atol=0.05)  # pixels
-        np.testing.assert_allclose(out["masks"], ref["masks"], atol=1e-3)
+        np.testing.assert_allclose(out["roi_masks"], ref["roi_masks"], atol=1e-3)
     assert [len(o["scores"]) for o in onnx_outputs][-1] == 0  # the empty tile stays empty (OpenVINO's If fix)
 
 
@@ -107,7 +107,7 @@ def test_no_detection_is_empty_even_after_a_tile_with_some(tiles, monkeypatch):
     assert len(pred([tiles[0]])[0]["scores"]) >= 1
     out = pred([tiles[-1]])[0]
     assert {k: v.shape for k, v in out.items()} == {"boxes": (0, 4), "labels": (0,), "scores": (0,),
-                                                    "masks": (0, 1, 512, 512)}
+                                                    "roi_masks": (0, 1, 28, 28)}
     assert rt._restore_empty_branches(rt._openvino_core().read_model(str(pred.path))) == 2  # RPN and box head NMS
 
 
@@ -221,7 +221,7 @@ def test_fused_scan_is_one_node_per_scan_and_finds_what_the_exported_scan_finds(
         np.testing.assert_array_equal(b["labels"], a["labels"])
         np.testing.assert_allclose(b["scores"], a["scores"], atol=1e-4)
         np.testing.assert_allclose(b["boxes"], a["boxes"], atol=0.05)  # pixels
-        np.testing.assert_allclose(b["masks"], a["masks"], atol=1e-3)
+        np.testing.assert_allclose(b["roi_masks"], a["roi_masks"], atol=1e-3)
 
 
 @needs_openvino

@@ -51,7 +51,14 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Te
 
 
 class ContinuousPasteTransform(GeneralizedRCNNTransform):
-    """torchvision's detection transform, pasting masks with :func:`paste_masks` (same resizing and batching)."""
+    """torchvision's detection transform, pasting masks with :func:`paste_masks` (same resizing and batching).
+
+    With ``paste = False`` the masks stay in their boxes' frames, returned as ``roi_masks`` (K, 1, M, M): the
+    engine pastes them box by box (:func:`rs_engine.maskpaste.paste_window`), never holding a full-image plane
+    per detection. The engine's predictors and exported graphs use that; training and evaluation keep ``masks``.
+    """
+
+    paste = True
 
     def postprocess(
         self,
@@ -63,8 +70,10 @@ class ContinuousPasteTransform(GeneralizedRCNNTransform):
             return result
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes, strict=True):
             pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
-            if "masks" in pred:
+            if "masks" in pred and self.paste:
                 pred["masks"] = paste_masks(pred["masks"], pred["boxes"], o_im_s)
+            elif "masks" in pred:  # the box-frame masks, as the mask head made them
+                pred["roi_masks"] = pred.pop("masks")
         return result
 
 
