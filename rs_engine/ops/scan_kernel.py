@@ -6,8 +6,9 @@ calls, :mod:`rs_engine.runtime_openvino`). :mod:`rs_engine.ops.scan_fused` wraps
 How it is built: the C compiler found on the machine (``$CC``, ``cc``, ``gcc`` or ``clang``) builds it with
 ``-O3 -march=native -fopenmp`` into the user cache (``$XDG_CACHE_HOME/delineate`` or ``~/.cache/delineate``), keyed
 by the source, the flags and the CPU's feature flags, written to a temporary name and renamed, so that concurrent
-processes never load a partial file. Where no compiler works, :func:`fused_cpu_status` says why (the callers then
-keep the chunked PyTorch scan or the exported operator graph). ``DELINEATE_SCAN=chunked`` turns it off.
+processes never load a partial file. ``DELINEATE_SCAN_MARCH`` replaces ``native`` (e.g. ``x86-64-v3``: what an
+AVX2-only CPU runs). Where no compiler works, :func:`fused_cpu_status` says why (the callers then keep the chunked
+PyTorch scan or the exported operator graph). ``DELINEATE_SCAN=chunked`` turns it off.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ _SOURCE = Path(__file__).with_name("scan_fused_cpu.c")
 BLOCK = 64
 #: Largest dstate the kernel's on-stack state holds (Mamba uses 16).
 MAX_DSTATE = 64
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
+#: Environment variable giving the kernel's ``-march`` (default ``native``): e.g. ``x86-64-v3`` (AVX2 and FMA)
+#: builds what an AVX2-only CPU runs, to measure one on a newer CPU (docs/benchmarks.md 2b).
+MARCH_ENV = "DELINEATE_SCAN_MARCH"
+
+
+def _march() -> str:
+    return os.environ.get(MARCH_ENV) or "native"
 
 
 def _cache_dir() -> Path:
@@ -54,12 +62,12 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _compile(cc: str, out: Path, openmp: bool) -> None:
+def _compile(cc: str, out: Path, openmp: bool, flags: list[str]) -> None:
     extra = ["-fopenmp"] if openmp else ["-fopenmp-simd"]
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *_FLAGS, *extra, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
+        subprocess.run([cc, *flags, *extra, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(tmp, out)
     finally:
@@ -75,14 +83,15 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     ccs = [c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)]
     if not ccs:
         return None, "fused CPU scan unavailable: no C compiler (cc, gcc or clang) on PATH"
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    flags = [*_FLAGS, f"-march={_march()}"]
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
     cc, errors = ccs[0], []
     for openmp in (True, False):  # without OpenMP (e.g. Apple clang): one thread, still vectorised
         out = _cache_dir() / f"scan_fused_cpu-{key}-{'omp' if openmp else 'serial'}.so"
         try:
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
-                _compile(cc, out, openmp)
+                _compile(cc, out, openmp, flags)
             lib = ctypes.CDLL(str(out))
         except (OSError, subprocess.SubprocessError) as exc:
             msg = getattr(exc, "stderr", None) or str(exc)
@@ -90,7 +99,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
             continue
         _declare(lib)
         threads = "OpenMP" if openmp else "one thread"
-        return lib, f"fused CPU scan: C kernel built by {cc} -march=native ({threads}), {out.name}"
+        return lib, f"fused CPU scan: C kernel built by {cc} -march={_march()} ({threads}), {out.name}"
     return None, "fused CPU scan unavailable: " + "; ".join(errors)
 
 

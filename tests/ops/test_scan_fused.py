@@ -113,6 +113,14 @@ def test_build_is_cached_and_falls_back_with_a_reason(monkeypatch, tmp_path):
         built = list((tmp_path / "delineate").glob("scan_fused_cpu-*.so"))
         assert len(built) == 1 and built[0].name in fused_cpu_status()
         assert ss.scan_backend(args[0], args[2]) == "fused_cpu"
+        native = selective_scan_fused(*args, **kw)
+
+        scan_kernel._library.cache_clear()  # another -march: another build beside the first, the same numbers
+        monkeypatch.setenv(scan_kernel.MARCH_ENV, "x86-64")
+        assert fused_cpu_available() and "-march=x86-64 " in fused_cpu_status()
+        assert len(list((tmp_path / "delineate").glob("scan_fused_cpu-*.so"))) == 2
+        torch.testing.assert_close(selective_scan_fused(*args, **kw), native, rtol=1e-5, atol=1e-6)
+        monkeypatch.delenv(scan_kernel.MARCH_ENV)
 
         scan_kernel._library.cache_clear()
         monkeypatch.setenv("DELINEATE_SCAN", "chunked")
