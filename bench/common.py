@@ -2,7 +2,8 @@
 
 Every figure of a benchmark is measured in one run beside its baseline and its ceilings, because the machine is
 shared and noisy: ratios within a run are what count. Peak RSS is the kernel's own high-water mark of a child
-process (``ru_maxrss`` from ``os.wait4``), so each measured run is a fresh process.
+process (``ru_maxrss`` from ``os.wait4``, taken in a small launcher so that the benchmark's own memory is not
+counted), so each measured run is a fresh process.
 """
 
 from __future__ import annotations
@@ -75,36 +76,66 @@ def read_mbps(path: Path, window: int = 512) -> dict[str, float]:
     return {"first_pass_mbps": round(rates[0], 1), "warm_mbps": round(rates[1], 1)}
 
 
+#: The launcher of a measured command: a bare interpreter (about 10 MB) forks and execs it, so that the command's
+#: ``ru_maxrss`` starts from the launcher's resident set and not from the benchmark's. Linux carries a process's
+#: high-water mark across exec from the memory it was forked with, so a command forked straight from a benchmark
+#: holding torch and test rasters (500 MB and more) reported at least that as its own peak (measured: ``sleep``
+#: forked from a process holding 800 MB reported 834 MB). It writes the command's peak (KiB) to the given fd.
+_LAUNCHER = """
+import os, resource, sys
+fd, cap = int(sys.argv[1]), int(sys.argv[2])
+pid = os.fork()
+if pid == 0:
+    if cap:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    os.close(fd)
+    try:
+        os.execvp(sys.argv[3], sys.argv[3:])
+    except OSError as exc:
+        sys.stderr.write(f"{sys.argv[3]}: {exc}\\n")
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(fd, str(usage.ru_maxrss).encode())
+code = os.waitstatus_to_exitcode(status)
+os._exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None,
                  mem_cap_gb: float | None = None) -> dict[str, Any]:
     """Run ``cmd``; return ``{"rc", "seconds", "peak_rss_mb", "stdout", "stderr", "timed_out"}``.
 
-    ``peak_rss_mb`` is the child's own maximum resident set size (``ru_maxrss`` of ``os.wait4`` on that pid), not
-    the machine's. ``mem_cap_gb`` caps the child's address space (``RLIMIT_AS``), so a model that would need more
-    fails with an allocation error in the child instead of pushing the shared machine into swap or the OOM killer.
+    ``peak_rss_mb`` is the command's own maximum resident set size (``ru_maxrss`` of ``os.wait4`` on its pid, in a
+    small launcher process: see :data:`_LAUNCHER`), not the machine's. ``mem_cap_gb`` caps the command's address
+    space (``RLIMIT_AS``), so a model that would need more fails with an allocation error in the child instead of
+    pushing the shared machine into swap or the OOM killer. A command killed by a signal has ``rc`` 128 + signal.
     """
+    import signal
+    import sys
     import tempfile
     import threading
 
-    def cap() -> None:
-        if mem_cap_gb:
-            lim = int(mem_cap_gb * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
-
+    cap = int(mem_cap_gb * 2**30) if mem_cap_gb else 0
+    read_fd, write_fd = os.pipe()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         t = time.perf_counter()
-        p = subprocess.Popen(list(cmd), stdout=fo, stderr=fe, text=True, env={**os.environ, **(env or {})},
-                             preexec_fn=cap, cwd=ROOT)
-        timer = threading.Timer(timeout, p.kill)
+        try:
+            p = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(write_fd), str(cap), *cmd],
+                                 stdout=fo, stderr=fe, text=True, env={**os.environ, **(env or {})}, cwd=ROOT,
+                                 start_new_session=True, pass_fds=(write_fd,))  # fmt: skip
+        finally:
+            os.close(write_fd)
+        timer = threading.Timer(timeout, lambda: os.killpg(p.pid, signal.SIGKILL))  # launcher and command
         timer.start()
-        _, status, usage = os.wait4(p.pid, 0)
+        p.wait()
         seconds = time.perf_counter() - t
         timed_out = not timer.is_alive()
         timer.cancel()
-        p.returncode = os.waitstatus_to_exitcode(status)
+        with os.fdopen(read_fd, "rb") as f:
+            kib = f.read().decode()
         fo.seek(0)
         fe.seek(0)
-        return {"rc": p.returncode, "seconds": seconds, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        return {"rc": p.returncode, "seconds": seconds, "peak_rss_mb": round(int(kib) / 1024, 1) if kib else 0.0,
                 "stdout": fo.read(), "stderr": fe.read(), "timed_out": timed_out}
 
 

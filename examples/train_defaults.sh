@@ -46,6 +46,13 @@ for target in "$@"; do
         --init "${SSDD_INIT:-rs_engine/weights/ssdd-ship.safetensors}" --bands 1 --chip-size 256 --epochs 12 \
         --max-minutes "${SSDD_MORE_MINUTES:-115}" --batch-size 4 --lr 2.5e-4 --warmup-steps 30 --seed 1 \
         --name ssdd-ship ;;
+    # nwpu10 0.6 candidate: the bundled 0.5 trained further, as ssdd-more made ssdd-ship 0.5 (the 0.5 run's resume
+    # file was lost with a machine): its fp16 weights, a second cosine schedule at half the peak learning rate over
+    # NWPU_MORE_MINUTES (default 150), NWPU_MORE_EPOCHS (default 8).
+    nwpu-more) train_eval "$SHARED/nwpu_vhr10" nwpu10-more \
+        --init "${NWPU_INIT:-rs_engine/weights/nwpu10.safetensors}" --bands 1,2,3 --chip-size 512 \
+        --epochs "${NWPU_MORE_EPOCHS:-8}" --max-minutes "${NWPU_MORE_MINUTES:-150}" --batch-size 2 --lr 2.5e-4 \
+        --warmup-steps 30 --seed 1 --name nwpu10 ;;
     # The teachers (issue 13): EfficientNet-Lite2 Mask R-CNN from ImageNet, the same data, schedule and budget as the
     # nwpu / ssdd targets (a later --model-config overrides train_eval's), for the README's teacher rows.
     nwpu-teacher) train_eval "$SHARED/nwpu_vhr10" nwpu10-teacher-lite2 --model-config effnet_lite2 \
@@ -54,6 +61,6 @@ for target in "$@"; do
     ssdd-teacher) train_eval "$SHARED/ssdd" ssdd-teacher-lite2 --model-config effnet_lite2 --init-backbone imagenet \
         --bands 1 --chip-size 256 --epochs "${SSDD_EPOCHS:-5}" --max-minutes "${SSDD_MINUTES:-155}" --batch-size 4 \
         --lr 5e-4 --warmup-steps 50 --name ssdd-teacher-lite2 ;;
-    *) echo "$target: use nwpu, ssdd, ssdd-more, nwpu-teacher or ssdd-teacher" >&2; exit 2 ;;
+    *) echo "$target: use nwpu, ssdd, ssdd-more, nwpu-more, nwpu-teacher or ssdd-teacher" >&2; exit 2 ;;
   esac
 done

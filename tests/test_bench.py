@@ -104,3 +104,23 @@ def test_end_to_end_repeats_report_the_median_run() -> None:
     assert rec["runs_s"] == [10.0, 16.0, 20.0] and rec["peak_rss_mb"] == 1000
     failed = {**runs[0], "rc": 1, "error": "boom"}
     assert median_run([runs[0], failed])["error"] == "boom"  # a failed repeat is not hidden by the others
+
+
+def test_measured_peak_rss_is_the_commands_own() -> None:
+    """A command forked from a process holding 400 MB is measured at its own peak, not the benchmark's (Linux
+    carries the high-water mark across exec); a timeout kills it; a missing program is rc 127 with its reason."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from bench.common import run_measured
+
+    held = np.ones(400 * 2**20 // 8)  # the benchmark's own memory, resident
+    small = run_measured([sys.executable, "-c", "print('ok')"], 60)
+    assert small["rc"] == 0 and small["stdout"].strip() == "ok" and small["peak_rss_mb"] < 100, small
+    big = run_measured([sys.executable, "-c", "import numpy as np; a = np.ones(300 * 2**20 // 8)"], 60)
+    assert big["rc"] == 0 and 300 < big["peak_rss_mb"] < 400, big["peak_rss_mb"]
+    slow = run_measured([sys.executable, "-c", "import time; time.sleep(30)"], 1)
+    assert slow["timed_out"] and slow["rc"] != 0 and slow["seconds"] < 10
+    missing = run_measured(["/nonexistent/program"], 10)
+    assert missing["rc"] == 127 and "No such file" in missing["stderr"]
+    assert held.sum() > 0
