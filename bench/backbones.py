@@ -85,12 +85,9 @@ def body_flops(body, size: int) -> float:  # noqa: ANN001
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rs_engine.models.ssm import SSMBackbone
-
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         body(torch.zeros(1, 3, size, size))
-    scan = sum(m.scan_flops(1, size, size) for m in getattr(body, "modules", lambda: [])()
-               if isinstance(m, SSMBackbone))
+    scan = body.scan_flops(1, size, size) if hasattr(body, "scan_flops") else 0  # SSM and hybrid bodies
     return (counter.get_total_flops() + scan) / 1e9
 
 

@@ -124,3 +124,12 @@ def test_measured_peak_rss_is_the_commands_own() -> None:
     missing = run_measured(["/nonexistent/program"], 10)
     assert missing["rc"] == 127 and "No such file" in missing["stderr"]
     assert held.sum() > 0
+
+
+def test_flops_breakdown_counts_the_hybrids_scans() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench/flops.py"), "--model", "ssdd-ship", "--tile-size", "128"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["scans_in_body"] > 0 and rec["body"] > rec["scans_in_body"] and rec["fpn"] > 0
+    assert abs(rec["whole"] - rec["body"] - rec["fpn"] - rec["rpn_and_heads"]) < 0.02
