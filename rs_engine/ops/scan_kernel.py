@@ -36,10 +36,13 @@ _SOURCE = Path(__file__).with_name("scan_fused_cpu.c")
 BLOCK = 64
 #: Largest dstate the kernel's on-stack state holds (Mamba uses 16).
 MAX_DSTATE = 64
-#: -fno-trapping-math lets GCC if-convert the branch-free exp/softplus/sigmoid loops without AVX-512's masks: on
-#: AVX2 they stayed scalar ("control flow in loop"), and a 768 x 1024 x dstate-8 scan took 26.4 against 15.8 ms
-#: (one thread). Nothing here reads floating-point exception flags, so no value changes.
-_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast", "-fno-trapping-math"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
+#: Added where the target has no AVX-512: it lets GCC if-convert the branch-free exp/softplus/sigmoid loops, which
+#: on AVX2 stayed scalar ("control flow in loop"; AVX-512's masked instructions vectorise them anyway). Measured, one
+#: thread, dim 512, L 16384, with z: AVX2 build 513 -> 178 ms (dstate 16), 321 -> 153 ms (dstate 8); but the
+#: AVX-512 build got slower with it (110 -> 155 ms), so it is not used there. No value changes: nothing here reads
+#: floating-point exception flags.
+_NO_AVX512_FLAGS = ["-fno-trapping-math"]
 #: Environment variable giving the kernel's ``-march`` (default ``native``): e.g. ``x86-64-v3`` (AVX2 and FMA)
 #: builds what an AVX2-only CPU runs, to measure one on a newer CPU (docs/benchmarks.md 2b).
 MARCH_ENV = "DELINEATE_SCAN_MARCH"
@@ -65,6 +68,18 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _target_has_avx512(cc: str) -> bool:
+    """Whether the kernel's target (``-march``) has AVX-512F: the CPU's flags for ``native``, else the compiler's."""
+    if _march() == "native":
+        return "avx512f" in _cpu_flags().split()
+    try:
+        r = subprocess.run([cc, f"-march={_march()}", "-dM", "-E", "-x", "c", os.devnull], capture_output=True,
+                           text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "__AVX512F__" in r.stdout
+
+
 def _compile(cc: str, out: Path, openmp: bool, flags: list[str]) -> None:
     extra = ["-fopenmp"] if openmp else ["-fopenmp-simd"]
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -86,9 +101,10 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     ccs = [c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)]
     if not ccs:
         return None, "fused CPU scan unavailable: no C compiler (cc, gcc or clang) on PATH"
-    flags = [*_FLAGS, f"-march={_march()}"]
+    cc = ccs[0]
+    flags = [*_FLAGS, f"-march={_march()}", *([] if _target_has_avx512(cc) else _NO_AVX512_FLAGS)]
     key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    cc, errors = ccs[0], []
+    errors = []
     for openmp in (True, False):  # without OpenMP (e.g. Apple clang): one thread, still vectorised
         out = _cache_dir() / f"scan_fused_cpu-{key}-{'omp' if openmp else 'serial'}.so"
         try:
