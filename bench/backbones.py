@@ -81,14 +81,18 @@ class _ViTBody:
 
 
 def body_flops(body, size: int) -> float:  # noqa: ANN001
-    """GFLOPs of the body on one (3, size, size) tile (scans included for SSM bodies)."""
+    """GFLOPs of the body on one (3, size, size) tile: the project's own count (``count_flops``: scans included,
+    heat decay maps precomputed as at inference) for its bodies, the FLOP counter alone for the ViT."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from rs_engine.models.build import count_flops
+
+    if isinstance(body, torch.nn.Module):
+        return count_flops(body, size)["backbone_gflops"]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         body(torch.zeros(1, 3, size, size))
-    scan = body.scan_flops(1, size, size) if hasattr(body, "scan_flops") else 0  # SSM and hybrid bodies
-    return (counter.get_total_flops() + scan) / 1e9
+    return counter.get_total_flops() / 1e9
 
 
 def child(name: str, size: int, repeats: int, flops: bool) -> None:

@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/flops.py [--model nwpu10] [--tile-size 512]
 
-Counted by ``torch.utils.flop_counter`` (a multiply-add is 2 FLOPs) on a random tile in eval mode; the selective
-scans are added from their analytic cost (the body's ``scan_flops``), which the counter does not see. The RoI
-heads' share depends on the detections, so it is that of a random tile: a lower bound for a dense scene.
+The body is counted by :func:`rs_engine.models.build.count_flops` (selective scans from their analytic cost,
+which the FLOP counter does not see); the FPN and the whole model by ``torch.utils.flop_counter`` (a multiply-add
+is 2 FLOPs) on a random tile in eval mode. The RoI heads' share depends on the detections, so it is that of a
+random tile: a lower bound for a dense scene.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from rs_engine.checkpoint import load_model
+    from rs_engine.models.build import count_flops
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="nwpu10")
@@ -29,6 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, card = load_model(args.model, "cpu")
+    model.eval()
     size = args.tile_size or card.tile_size
     x = torch.rand(card.bands, size, size)
 
@@ -37,12 +40,12 @@ def main() -> None:
             fn()
         return counter.get_total_flops() / 1e9
 
-    body, fpn = model.backbone.body, model.backbone.fpn
-    feats = body(x[None])
-    scans = body.scan_flops(1, size, size) / 1e9 if hasattr(body, "scan_flops") else 0.0  # SSM, hybrid bodies
-    rec = {"model": args.model, "tile_size": size, "body": round(gflops(lambda: body(x[None])) + scans, 2),
-           "scans_in_body": round(scans, 2), "fpn": round(gflops(lambda: fpn(feats)), 2),
-           "whole": round(gflops(lambda: model.eval()([x])) + scans, 2)}
+    body = count_flops(model, size, card.bands)
+    with torch.no_grad():
+        feats = model.backbone.body(x[None])  # the FPN's input
+    rec = {"model": args.model, "tile_size": size, "body": round(body["backbone_gflops"], 2),
+           "scans_in_body": round(body["scan_gflops"], 2), "fpn": round(gflops(lambda: model.backbone.fpn(feats)), 2),
+           "whole": round(gflops(lambda: model([x])) + body["scan_gflops"], 2)}
     rec["rpn_and_heads"] = round(rec["whole"] - rec["body"] - rec["fpn"], 2)
     print(json.dumps(rec))
 

@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,13 @@ RUNTIMES = ("auto", "torch", "onnx", "openvino")
 ONNX_INPUT, ONNX_OUTPUTS = "image", ("boxes", "labels", "scores", "roi_masks")
 #: What graphs exported before box-frame masks name their last output: full-tile (K, 1, T, T) masks.
 ONNX_OUTPUTS_FULL_MASKS = ("boxes", "labels", "scores", "masks")
+
+
+def exported_output_names(has_name: Callable[[str], bool]) -> tuple[str, ...] | None:
+    """The names of an exported graph's four outputs, given whether the graph has an output of a name: box-frame
+    masks (:data:`ONNX_OUTPUTS`) or an older graph's full-tile masks; None where the names were lost (the caller
+    takes the outputs by position, in :data:`ONNX_OUTPUTS` order, as ``rs-engine export`` writes them)."""
+    return next((names for names in (ONNX_OUTPUTS, ONNX_OUTPUTS_FULL_MASKS) if all(map(has_name, names))), None)
 
 
 def torch_available() -> bool:
@@ -262,9 +270,10 @@ class OnnxPredictor:
         self.input_shape = tuple(int(s) for s in shape)
         self.tile_size = self.input_shape[-1]
         self.path = path
-        self._names = [o.name for o in self.session.get_outputs()]
-        if set(self._names) not in (set(ONNX_OUTPUTS), set(ONNX_OUTPUTS_FULL_MASKS)):
-            self._names = list(ONNX_OUTPUTS)  # names lost: by position, as rs-engine export orders them
+        outputs = [o.name for o in self.session.get_outputs()]
+        names = exported_output_names(outputs.__contains__)
+        self._outputs = list(names) if names else outputs  # session.run's output_names: by name, else by position
+        self._names = names or ONNX_OUTPUTS
 
     @property
     def on_gpu(self) -> bool:
@@ -280,6 +289,6 @@ class OnnxPredictor:
             if tuple(image.shape) != self.input_shape:
                 raise InputError(f"{self.path}: takes {self.input_shape[0]} band(s) of {self.tile_size} px tiles "
                                  f"(fixed at export), got {tuple(image.shape)}")
-            values = self.session.run(None, {ONNX_INPUT: np.ascontiguousarray(image, dtype=np.float32)})
+            values = self.session.run(self._outputs, {ONNX_INPUT: np.ascontiguousarray(image, dtype=np.float32)})
             outputs.append(dict(zip(self._names, values)))
         return outputs

@@ -329,7 +329,7 @@ class OpenVinoPredictor:
     runtime = "openvino"
 
     def __init__(self, path: Path, card: ModelCard, threads: int | None = None, streams: int = 1) -> None:
-        from rs_engine.runtime import ONNX_OUTPUTS, ONNX_OUTPUTS_FULL_MASKS  # here: runtime imports this module
+        from rs_engine.runtime import ONNX_OUTPUTS, exported_output_names  # here: runtime imports this module
 
         path = Path(path)
         try:
@@ -352,11 +352,9 @@ class OpenVinoPredictor:
         self.tile_size = self.input_shape[-1]
         self.path = path
         outputs = self.compiled.outputs
-        # By tensor name (box-frame masks, or an older graph's full-tile masks); by position where names were lost.
-        found = [names for names in (ONNX_OUTPUTS, ONNX_OUTPUTS_FULL_MASKS)
-                 if all(any(n in o.get_names() for o in outputs) for n in names)]  # fmt: skip
-        self._names = found[0] if found else ONNX_OUTPUTS
-        self._outputs = [self.compiled.output(n) for n in self._names] if found else list(outputs)
+        names = exported_output_names(lambda n: any(n in o.get_names() for o in outputs))
+        self._names = names or ONNX_OUTPUTS
+        self._outputs = [self.compiled.output(n) for n in names] if names else list(outputs)  # else by position
         # An infer request runs one inference at a time: one per caller stream, each reused for every tile.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(max(1, streams)):

@@ -38,10 +38,10 @@ BLOCK = 64
 MAX_DSTATE = 64
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
 #: Added where the target has no AVX-512: it lets GCC if-convert the branch-free exp/softplus/sigmoid loops, which
-#: on AVX2 stayed scalar ("control flow in loop"; AVX-512's masked instructions vectorise them anyway). Measured, one
-#: thread, dim 512, L 16384, with z: AVX2 build 513 -> 178 ms (dstate 16), 321 -> 153 ms (dstate 8); but the
-#: AVX-512 build got slower with it (110 -> 155 ms), so it is not used there. No value changes: nothing here reads
-#: floating-point exception flags.
+#: on AVX2 stayed scalar ("control flow in loop"; AVX-512's masked instructions vectorise them anyway). Measured with
+#: bench/scan.py (dim 512, L 16384, with z, one thread; docs/benchmarks.md 2f): AVX2 build 450 -> 179 ms (dstate
+#: 16), 574 -> 312 ms (dstate 8); the AVX-512 build got slower with it (about 150 against 120 ms), so it is not used
+#: there. No value changes: nothing here reads floating-point exception flags.
 _NO_AVX512_FLAGS = ["-fno-trapping-math"]
 #: Environment variable giving the kernel's ``-march`` (default ``native``): e.g. ``x86-64-v3`` (AVX2 and FMA)
 #: builds what an AVX2-only CPU runs, to measure one on a newer CPU (docs/benchmarks.md 2b).
