@@ -1,6 +1,6 @@
 # One-command set-up: `make demo` and `make test` each build everything they need, idempotently.
 # The venv is made from Debian's python3 with system site-packages, so PyQGIS (python3-qgis) is visible in it.
-# Dependencies come from requirements.lock (uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench --extra openvino), installed with uv:
+# Dependencies come from requirements.lock (uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench --extra openvino --extra quantize), installed with uv:
 # uv ignores pip's local find-links, where a CPU-only torch build lives that can't run torchvision's ops.
 # --compile-bytecode: .pyc files written once at install; without them (and with PYTHONDONTWRITEBYTECODE set, as on
 # the development machine) every engine process the tests and benchmarks start recompiles torch and torchvision, seconds each.
@@ -57,7 +57,7 @@ bench: venv
 	$(PY) bench/outline_latency.py $(BENCH_FLAGS) --out bench/results
 
 lock:
-	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench --extra openvino --python-version 3.11 \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --extra torch --extra train --extra cluster --extra bench --extra openvino --extra quantize --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
 clean:

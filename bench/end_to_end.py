@@ -130,12 +130,15 @@ def measure(raster: Path, model: str, out_dir: Path, tile: int, overlap: int, ba
         # "torch-chunked": PyTorch with the chunked scan in place of the fused C kernel (DELINEATE_SCAN=chunked);
         # "RUNTIME:sN": with --streams N (concurrent batches; default: one per thread)
         # "openvino-graph": OpenVINO with the exported standard-operator scan (DELINEATE_OPENVINO_SCAN=graph)
+        # "openvino-float": OpenVINO's floating point, not the model's int8 file (DELINEATE_OPENVINO_PRECISION=float)
         spec, _, streams = runtime.partition(":s")
-        rt = spec.removesuffix("-chunked").removesuffix("-graph")
+        rt = spec.removesuffix("-chunked").removesuffix("-graph").removesuffix("-float")
         if spec.endswith("-chunked"):
             env = {**env, "DELINEATE_SCAN": "chunked"}
         elif spec.endswith("-graph"):
             env = {**env, "DELINEATE_OPENVINO_SCAN": "graph"}
+        elif spec.endswith("-float"):
+            env = {**env, "DELINEATE_OPENVINO_PRECISION": "float"}
         cmd = segment_cmd(raster, model, gpkg, tile, overlap, batch, rt) + (["--streams", streams] if streams else [])
     r = run_measured(cmd, timeout, env=env)
     done = last_json(r["stdout"]) or {}
@@ -213,7 +216,8 @@ def main() -> None:
                     help="runtimes the default model is timed in (end to end), each in its own run (default: torch, "
                          "onnx and openvino where installed); torch-chunked: "
                          "PyTorch with the chunked scan instead of the fused C kernel; openvino-graph: OpenVINO with "
-                         "the exported standard-operator scan; RUNTIME:sN: with --streams N")
+                         "the exported standard-operator scan; openvino-float: OpenVINO's floating point "
+                         "instead of the model's int8 file; RUNTIME:sN: with --streams N")
     args = ap.parse_args()
     side = 512 if args.quick else args.side
     stream = [256, 512] if args.quick else [int(s) for s in args.stream_sides.split(",")]

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled model name, or a .safetensors or .onnx model file (default: nwpu10)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"],
-                   help="PyTorch, ONNX Runtime or OpenVINO (CPU; precision: DELINEATE_OPENVINO_PRECISION=f32|bf16|f16, "
-                   "default OpenVINO's fastest) (default auto: openvino where installed, for bundled models and .onnx "
+                   help="PyTorch, ONNX Runtime or OpenVINO (CPU; precision: DELINEATE_OPENVINO_PRECISION="
+                   "f32|bf16|f16|int8|float, default the model's int8 file where it has one, else OpenVINO's fastest "
+                   "float) (default auto: openvino where installed, for bundled models and .onnx "
                    "files on the CPU; else onnx for .onnx files or without PyTorch; else torch)")
     s.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime, all streams together "
                    "(default: OMP_NUM_THREADS, else all cores)")

@@ -88,7 +88,7 @@ class SegmentResult:
     run_id: str = ""
     crs: str | None = None  # output CRS as WKT, None without georeferencing
     runtime: str | None = None  # the runtime that predicted (torch, onnx, openvino); None: a caller's predictor
-    precision: str | None = None  # the inference precision where the runtime reports it (OpenVINO: f32, bf16, f16)
+    precision: str | None = None  # the runtime's inference precision where it reports one (OpenVINO: f32, bf16, int8)
     scan: str | None = None  # how OpenVINO ran the selective scans: fused (the C kernel) or graph (exported operators)
 
 

@@ -41,7 +41,7 @@ PRECISION_ENV = "DELINEATE_OPENVINO_PRECISION"
 #: Environment variable naming the folder where OpenVINO keeps compiled models (``off``: compile on every run);
 #: unset: :func:`openvino_cache_dir`'s default.
 CACHE_ENV = "DELINEATE_OPENVINO_CACHE"
-OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16", "int8", "float")
 #: Environment variable choosing how the selective scans run: ``fused`` (the C kernel, default) or ``graph``.
 SCAN_ENV = "DELINEATE_OPENVINO_SCAN"
 #: Bumped when the custom-node export changes, so that graphs cached by an older version are not reused.
@@ -49,8 +49,10 @@ _SCAN_GRAPH_VERSION = "4"
 
 
 def openvino_precision() -> str | None:
-    """The inference precision asked for in ``DELINEATE_OPENVINO_PRECISION`` (``f32``, ``bf16`` or ``f16``), or
-    None for OpenVINO's default (bf16 on CPUs with AVX512-BF16 or AMX, f32 elsewhere: the fastest it has).
+    """The inference precision asked for in ``DELINEATE_OPENVINO_PRECISION``: ``f32``, ``bf16``, ``f16``, ``int8``
+    (the model's int8 file, :mod:`rs_engine.runtime_int8`) or ``float`` (OpenVINO's default floating point: bf16
+    on CPUs with AVX512-BF16 or AMX, f32 elsewhere); None (unset) for the default: int8 where the model has a valid
+    int8 file, else ``float``.
 
     Raises:
         InputError: any other value.
@@ -111,23 +113,25 @@ def _selective_scan_op_class() -> type:
 
     from rs_engine.ops.scan_kernel import scan_forward_arrays
 
-    class _SelectiveScanOp(Op):
+    class SelectiveScan(Op):
         """``delineate::SelectiveScan(u, delta, A, B, C, D, delta_bias)`` -> (batch, dim, L), float32: Mamba-1's
         selective scan (:func:`rs_engine.ops.selective_scan.selective_scan_fn`'s contract, B and C as (batch,
         groups, dstate, L)) run by the fused C kernel on ``threads`` OpenMP threads. The CPU plugin runs the
         node as a reference (``evaluate``) node in float32, converting around it under bf16 inference."""
 
-        def __init__(self, inputs=None, softplus: bool = True, threads: int = 1) -> None:  # noqa: ANN001
+        def __init__(self, inputs=None, softplus: bool = True, threads: int | None = None) -> None:  # noqa: ANN001
             super().__init__(self, inputs)
-            self.softplus, self.threads = bool(softplus), int(threads)
+            self.softplus = bool(softplus)  # an IR reader sets the threads of the read_model call
+            self.threads = int(threads if threads is not None else getattr(_conversion, "threads", 1))
 
         def validate_and_infer_types(self) -> None:
             self.set_output_type(0, self.get_input_element_type(0), self.get_input_partial_shape(0))
 
         def clone_with_new_inputs(self, new_inputs):  # noqa: ANN001, ANN201
-            return _SelectiveScanOp(new_inputs, self.softplus, self.threads)
+            return SelectiveScan(new_inputs, self.softplus, self.threads)
 
         def visit_attributes(self, visitor) -> bool:  # noqa: ANN001
+            visitor.on_attributes({"softplus": self.softplus})  # written to (and read back from) an IR
             return True
 
         def has_evaluate(self) -> bool:
@@ -140,7 +144,7 @@ def _selective_scan_op_class() -> type:
             scan_forward_arrays(u, delta, A, Bt, Ct, D, bias, self.softplus, outputs[0].data, self.threads)
             return True
 
-    SelectiveScanOp = _SelectiveScanOp
+    SelectiveScanOp = SelectiveScan
     return SelectiveScanOp
 
 
@@ -210,9 +214,7 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
         return None, fused_cpu_status()
     spec = (card.provenance or {}).get("onnx", {})
     tile, floor = spec.get("tile_size", card.tile_size), spec.get("min_score", card.score_threshold)
-    digest = hashlib.sha256(weights.read_bytes())
-    digest.update(f"{tile} {floor} {_SCAN_GRAPH_VERSION}".encode())
-    name, cache = f"{onnx_path.stem}-{digest.hexdigest()[:16]}.onnx", openvino_cache_dir()
+    name, cache = f"{onnx_path.stem}-{scan_graph_digest(weights, card)}.onnx", openvino_cache_dir()
     if cache and (Path(cache) / "scan-graphs" / name).is_file():
         return Path(cache) / "scan-graphs" / name, "cached"  # PyTorch is not even imported
     if importlib.util.find_spec("torch") is None:
@@ -229,6 +231,16 @@ def fused_scan_graph(onnx_path: Path, card: ModelCard) -> tuple[Path | None, str
     except (OSError, InputError) as exc:
         return None, f"cannot export the fused-scan graph ({_first_line(exc)})"
     return out, "exported"
+
+
+def scan_graph_digest(weights: Path, card: ModelCard) -> str:
+    """16 hex digits naming the fused-scan graph of ``weights`` as exported for ``card``'s ``.onnx`` (its tile
+    size and score floor) by this version of the export (:data:`_SCAN_GRAPH_VERSION`)."""
+    spec = (card.provenance or {}).get("onnx", {})
+    tile, floor = spec.get("tile_size", card.tile_size), spec.get("min_score", card.score_threshold)
+    digest = hashlib.sha256(Path(weights).read_bytes())
+    digest.update(f"{tile} {floor} {_SCAN_GRAPH_VERSION}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _same_model(a: ModelCard, b: ModelCard) -> bool:
@@ -264,9 +276,14 @@ def _compiled(path: str, mtime_ns: int, threads: int | None, streams: int, preci
 
 
 def read_model(path: str | os.PathLike, fused_scan: bool = False, scan_threads: int = 1) -> Any:
-    """OpenVINO's model of an exported ``.onnx`` file, as the runtime compiles it: empty NMS branches restored
+    """OpenVINO's model of an exported ``.onnx`` file (or of an int8 IR), as the runtime compiles it: empty NMS
+    branches restored
     (:func:`_restore_empty_branches`); with ``fused_scan``, each ``delineate::SelectiveScan`` node becomes a
     :class:`SelectiveScanOp` on ``scan_threads`` threads. Raises what OpenVINO's reader raises."""
+    if str(path).endswith(".xml"):  # an int8 IR (rs-train quantize)
+        from rs_engine.runtime_int8 import read_int8
+
+        return read_int8(path, scan_threads)
     if fused_scan:
         _register_scan_extension()
         _conversion.threads = scan_threads
@@ -317,7 +334,8 @@ class OpenVinoPredictor:
     the CPU, one (C, T, T) tile per inference.
 
     Attributes:
-        precision: the inference precision OpenVINO compiled for (``f32``, ``bf16`` or ``f16``): its default
+        precision: ``int8`` where the model's int8 file runs (:mod:`rs_engine.runtime_int8`, the default where
+            there is one), else the precision OpenVINO compiled for (``f32``, ``bf16`` or ``f16``): its default
             unless ``DELINEATE_OPENVINO_PRECISION`` says otherwise. bf16 (CPUs with AVX512-BF16 or AMX) was 2.6x
             faster than ONNX Runtime on a 512 px nwpu10 tile, one thread; f32 matched ONNX Runtime's outputs to
             5e-5 (OpenVINO, https://docs.openvino.ai, "Precision Control").
@@ -336,18 +354,30 @@ class OpenVinoPredictor:
             path.stat()
         except OSError as exc:
             raise InputError(f"{path}: cannot read the model ({exc.strerror})") from None
+        from rs_engine.runtime_int8 import int8_graph
+
         precision, self.scan = openvino_precision(), openvino_scan()
-        graph = path
-        if self.scan == "fused":
+        graph, int8 = path, None
+        if precision in (None, "int8"):
+            int8, why = int8_graph(path, card) if self.scan == "fused" else (None, f"{SCAN_ENV}=graph")
+            if int8 is None and precision == "int8":
+                raise InputError(f"{path}: no int8 model to run ({why})")
+            if int8 is None:
+                log.info("OpenVINO: no int8 model: %s", why)
+        if precision in ("int8", "float"):
+            precision = None  # OpenVINO's default floating point (for int8: where the graph is not quantized)
+        if int8 is not None:
+            graph = int8
+        elif self.scan == "fused":
             graph, why = fused_scan_graph(path, card)
             if graph is None:
                 log.info("OpenVINO: the selective scans run as exported operators: %s", why)
                 self.scan, graph = "graph", path
         self.compiled = _compiled(str(graph), graph.stat().st_mtime_ns, threads, max(1, streams), precision,
                                   self.scan == "fused")
-        if graph != path and openvino_cache_dir() is None:  # exported to a temporary folder: compiled, not needed
+        if int8 is None and graph != path and openvino_cache_dir() is None:  # a temporary export: compiled
             shutil.rmtree(graph.parent.parent, ignore_errors=True)
-        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self.precision = "int8" if int8 else self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.input_shape = tuple(int(d) for d in self.compiled.input(0).get_shape())
         self.tile_size = self.input_shape[-1]
         self.path = path

@@ -86,9 +86,10 @@ def test_f32_gives_onnx_runtimes_detections(tiles, onnx_outputs, monkeypatch):
 
 
 @needs_openvino
-def test_default_precision_finds_the_same_objects(tiles, onnx_outputs, monkeypatch):
-    pred = _openvino(monkeypatch, None)
-    assert pred.precision in rt.OPENVINO_PRECISIONS
+def test_float_precision_finds_the_same_objects(tiles, onnx_outputs, monkeypatch):
+    """``float``: OpenVINO's own default (bf16 where the CPU has it), never the int8 file (tests/test_int8.py)."""
+    pred = _openvino(monkeypatch, "float")
+    assert pred.precision in ("f32", "bf16")
     for tile, ref in zip(tiles, onnx_outputs, strict=True):
         out = pred([tile])[0]
         a, b = ref["scores"] > 0.5, out["scores"] > 0.5
@@ -163,8 +164,8 @@ def test_bad_openvino_settings_are_one_line_errors(tmp_path, capsys, monkeypatch
     monkeypatch.setenv(rt.PRECISION_ENV, "f64")
     out = tmp_path / "out.gpkg"
     assert cli.main(["segment", str(EXAMPLE), "-o", str(out), "--runtime", "openvino"]) == cli.EXIT_INPUT
-    assert capsys.readouterr().err == (f"rs-engine: error: {rt.PRECISION_ENV}=f64: use one of f32, bf16, f16 "
-                                       "(or leave it unset)\n")
+    assert capsys.readouterr().err == (f"rs-engine: error: {rt.PRECISION_ENV}=f64: use one of f32, bf16, f16, int8, "
+                                       "float (or leave it unset)\n")
     assert not out.exists()
     monkeypatch.delenv(rt.PRECISION_ENV)
     with pytest.raises(InputError, match="--runtime openvino runs on the CPU"):

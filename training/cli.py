@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _distill_parser(sub: Any) -> None:
     from training.distill import SPEC_HELP
 
+    q = sub.add_parser("quantize", help="write a model's int8 form for OpenVINO (NNCF post-training quantization)")
+    q.add_argument("--model", required=True, help="bundled model name, or a .onnx with its .safetensors beside it")
+    q.add_argument("--coco", type=Path, required=True, help="COCO annotation file of the calibration (training) images")
+    q.add_argument("--images", type=Path, required=True, help="folder of the calibration images")
+    q.add_argument("--out", type=Path, help="the .xml to write (default: NAME.int8.xml beside the .onnx)")
+    q.add_argument("--tiles", type=int, default=64, help="calibration tiles (random windows of random images)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--progress", default="bar", choices=["bar", "jsonl", "none"])
     ds = sub.add_parser("distill", help="pretrain a backbone by distilling a teacher's features (RS4D, DRD)",
                         description="Distil a frozen teacher's feature maps into a student backbone on unlabelled "
                         "images. Teacher specs: " + SPEC_HELP + ".")
@@ -253,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         command = {"train": commands.run_train, "finetune": commands.run_finetune, "evaluate": commands.run_evaluate,
                    "pretrain": commands.run_pretrain, "distill": commands.run_distill,
-                   "prompt-head": commands.run_prompt_head}[args.command]
+                   "prompt-head": commands.run_prompt_head, "quantize": _quantize}[args.command]
         result = command(args, report)
     except InputError as exc:
         report.error(str(exc))
@@ -269,6 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"event": "done", **result}) if report.mode == "jsonl" else json.dumps(result, indent=1),
               flush=True)
     return 0
+
+
+def _quantize(args: argparse.Namespace, report: Any) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None:
+        raise InputError("rs-train quantize needs NNCF and OpenVINO: pip install 'delineate[quantize]'")
+    from training.quantize import run_quantize
+
+    return run_quantize(args, report)
 
 
 def _scale_range(text: str) -> tuple[float, float]:
