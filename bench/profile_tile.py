@@ -13,9 +13,9 @@ profiles three. Writes ``profile_<model>.txt``: time by
 stage (backbone body, FPN, RPN, RoI heads) from ``record_function`` ranges, and the top operators by self CPU time.
 ``--runtime onnx`` profiles the bundled ``.onnx`` form with ONNX Runtime's profiler instead (time by operator type,
 ``profile_<model>_onnx.txt``); ``--runtime openvino`` with OpenVINO's per-node performance counters (time by
-operator type and by the kernel it chose, which names the precision: ``profile_<model>_openvino_<scan>.txt``;
-precision and scan as ``rs-engine segment`` runs them, ``DELINEATE_OPENVINO_PRECISION`` and
-``DELINEATE_OPENVINO_SCAN=fused|graph`` to change them).
+operator type and by the kernel it chose, which names the precision: ``profile_<model>_openvino_<scan>.txt``,
+``..._int8.txt`` for the model's int8 file; precision and scan as ``rs-engine segment`` runs them,
+``DELINEATE_OPENVINO_PRECISION`` and ``DELINEATE_OPENVINO_SCAN=fused|graph`` to change them).
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ def _profile_openvino(args: argparse.Namespace) -> None:
 
     from rs_engine.card import read_card
     from rs_engine.runtime import model_file
+    from rs_engine.runtime_int8 import int8_graph
     from rs_engine.runtime_openvino import (
         _openvino_core,
         fused_scan_graph,
@@ -159,8 +160,11 @@ def _profile_openvino(args: argparse.Namespace) -> None:
 
     path = model_file(args.model, "openvino")
     card = read_card(path)
-    graph, scan = path, openvino_scan()  # the network rs-engine segment --runtime openvino runs
-    if scan == "fused":
+    graph, scan, asked = path, openvino_scan(), openvino_precision()  # what rs-engine segment --runtime openvino runs
+    int8 = int8_graph(path, card)[0] if scan == "fused" and asked in (None, "int8") else None
+    if int8 is not None:
+        graph = int8
+    elif scan == "fused":
         graph, why = fused_scan_graph(path, card)
         if graph is None:
             print(f"fused scan unavailable ({why}): profiling the exported scan")
@@ -168,10 +172,12 @@ def _profile_openvino(args: argparse.Namespace) -> None:
     core = _openvino_core()
     model = read_model(graph, scan == "fused", args.threads)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": True}
-    if openvino_precision():
-        config["INFERENCE_PRECISION_HINT"] = openvino_precision()
+    if asked not in (None, "int8", "float"):
+        config["INFERENCE_PRECISION_HINT"] = asked
     compiled = core.compile_model(model, "CPU", config)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if int8 is not None:
+        precision = f"int8 (elsewhere {precision})"
     request = compiled.create_infer_request()
     with rasterio.open(nwpu_mosaic(args.data / "nwpu_mosaic_1024.tif", 1024)) as ds:
         a = ds.read(list(range(1, card.bands + 1)), window=Window(0, 0, 512, 512)).astype(np.float32)
@@ -195,7 +201,8 @@ def _profile_openvino(args: argparse.Namespace) -> None:
     lines += [f"| {k} | {d / runs / 1e3:.0f} | {100 * d / total:.1f}% |" for k, d in by_kernel.most_common(10)]
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"profile_{Path(args.model).stem}_openvino_{scan}.txt").write_text(text + "\n")
+    tag = "_int8" if int8 is not None else ""
+    (args.out / f"profile_{Path(args.model).stem}_openvino_{scan}{tag}.txt").write_text(text + "\n")
     print(text)
 
 

@@ -139,3 +139,23 @@ def test_rs_train_quantize_makes_a_working_int8_model(tmp_path, monkeypatch):
     assert again.returncode == 2 and again.stderr.strip().endswith("ssdd.int8.xml exists (use --overwrite)")
     wrong = subprocess.run([*cmd, "--out", str(tmp_path / "x.bin")], capture_output=True, text=True, timeout=300)
     assert wrong.returncode == 2 and "the output is an OpenVINO IR, name it NAME.int8.xml" in wrong.stderr
+
+
+def test_the_compiled_int8_model_is_cached_and_loads_back_the_same(tmp_path, monkeypatch):
+    """The compiled blob holds the Python scan operation; loaded back from the cache it gives the same outputs."""
+    card = read_card("nwpu10")
+    [tile] = _tiles(ROOT / "examples" / "nwpu_021.jpg", card, [(0, 0)])
+    monkeypatch.setenv(rt.CACHE_ENV, str(tmp_path / "ov"))
+    outs = []
+    for _ in range(2):
+        rt._compiled.cache_clear()  # compile in this process again: the second time from the blob
+        try:
+            pred = _predictor("nwpu10", "int8", monkeypatch)
+        finally:
+            rt._compiled.cache_clear()
+        outs.append((pred.compiled.get_property("LOADED_FROM_CACHE"), pred([tile])[0]))
+    assert [loaded for loaded, _ in outs] == [False, True]
+    assert any(p.stat().st_size > 1_000_000 for p in (tmp_path / "ov").iterdir())
+    assert len(outs[0][1]["scores"]) >= 3
+    for name, value in outs[0][1].items():
+        np.testing.assert_array_equal(outs[1][1][name], value)
