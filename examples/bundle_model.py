@@ -12,6 +12,9 @@ the size; :func:`rs_engine.checkpoint.load_model` casts them back to float32). R
 Paths in the card's provenance (commands, data) are made portable: relative to the project or to ``../shared``,
 other absolute paths by file name only, so no bundled card names a folder of the machine it was trained on.
 ``--card-only NAME`` does just that to an already bundled model, its weights untouched.
+
+Then make its int8 form again (OpenVINO's default where valid; a file quantized from the old weights is skipped):
+``rs-train quantize --model NAME --coco TRAIN.json --images IMAGES --overwrite`` (docs/benchmarks.md 2g).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def _export(path: Path) -> None:
     """The ONNX form beside the .safetensors one, with the same card (the light engine's bundled model)."""
     onnx = export_onnx(path, path.with_suffix(".onnx"), overwrite=True)
     print(f"{onnx}: {onnx.stat().st_size / 2**20:.1f} MiB")
+    if path.with_suffix(".int8.xml").exists():
+        print(f"{path.with_suffix('.int8.xml').name} was quantized from the old weights: run rs-train quantize again")
 
 
 if __name__ == "__main__":
