@@ -11,7 +11,7 @@ reason (``rs-engine -v``). Reading it needs no NNCF: the ``delineate::SelectiveS
 
 Why int8: OpenVINO's int8 kernels (AVX-512 VNNI, AVX2, AMX) do 2 to 4 times the multiply-adds per instruction of
 its bf16 or f32 ones; on a 512 px nwpu10 tile, one thread, the 2-core AMD EPYC with AVX-512 (no AMX), the whole
-network went from about 214 to 171 ms (docs/benchmarks.md 2g).
+network went from 220 to 179 ms (docs/benchmarks.md 2g).
 """
 
 from __future__ import annotations
