@@ -152,34 +152,19 @@ def _profile_openvino(args: argparse.Namespace) -> None:
 
     from rs_engine.card import read_card
     from rs_engine.runtime import model_file
-    from rs_engine.runtime_int8 import int8_graph
-    from rs_engine.runtime_openvino import (
-        _openvino_core,
-        fused_scan_graph,
-        openvino_precision,
-        openvino_scan,
-        read_model,
-    )
+    from rs_engine.runtime_openvino import _openvino_core, openvino_graph, read_model
 
     path = model_file(args.model, "openvino")
     card = read_card(path)
-    graph, scan, asked = path, openvino_scan(), openvino_precision()  # what rs-engine segment --runtime openvino runs
-    int8 = int8_graph(path, card)[0] if scan == "fused" and asked in (None, "int8") else None
-    if int8 is not None:
-        graph = int8
-    elif scan == "fused":
-        graph, why = fused_scan_graph(path, card)
-        if graph is None:
-            print(f"fused scan unavailable ({why}): profiling the exported scan")
-            graph, scan = path, "graph"
+    graph, scan, hint, int8 = openvino_graph(path, card)  # what rs-engine segment --runtime openvino runs
     core = _openvino_core()
     model = read_model(graph, scan == "fused", args.threads)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads, "PERF_COUNT": True}
-    if asked not in (None, "int8", "float") or args.float_precision:
-        config["INFERENCE_PRECISION_HINT"] = args.float_precision or asked
+    if hint or args.float_precision:
+        config["INFERENCE_PRECISION_HINT"] = args.float_precision or hint
     compiled = core.compile_model(model, "CPU", config)
     precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-    if int8 is not None:
+    if int8:
         precision = f"int8 (elsewhere {precision})"
     request = compiled.create_infer_request()
     with rasterio.open(nwpu_mosaic(args.data / "nwpu_mosaic_1024.tif", 1024)) as ds:
@@ -204,7 +189,7 @@ def _profile_openvino(args: argparse.Namespace) -> None:
     lines += [f"| {k} | {d / runs / 1e3:.0f} | {100 * d / total:.1f}% |" for k, d in by_kernel.most_common(10)]
     text = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "_int8" if int8 is not None else ""
+    tag = "_int8" if int8 else ""
     (args.out / f"profile_{Path(args.model).stem}_openvino_{scan}{tag}.txt").write_text(text + "\n")
     print(text)
 

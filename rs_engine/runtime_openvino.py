@@ -243,6 +243,35 @@ def scan_graph_digest(weights: Path, card: ModelCard) -> str:
     return digest.hexdigest()[:16]
 
 
+def openvino_graph(path: Path, card: ModelCard) -> tuple[Path, str, str | None, bool]:
+    """What ``--runtime openvino`` compiles for the ``.onnx`` file ``path``, from ``DELINEATE_OPENVINO_PRECISION``
+    and ``DELINEATE_OPENVINO_SCAN``: ``(graph, scan, precision hint or None, int8)``. The int8 IR where asked
+    for or by default where valid (:mod:`rs_engine.runtime_int8`), else the fused-scan graph, else ``path``.
+
+    Raises:
+        InputError: ``int8`` asked for and no valid int8 file; a bad setting.
+    """
+    from rs_engine.runtime_int8 import int8_graph
+
+    precision, scan = openvino_precision(), openvino_scan()
+    int8, why = None, f"{SCAN_ENV}=graph"
+    if precision in (None, "int8") and scan == "fused":
+        int8, why = int8_graph(path, card)
+    if int8 is None and precision == "int8":
+        raise InputError(f"{path}: no int8 model to run ({why})")
+    if int8 is None and precision is None:
+        log.info("OpenVINO: no int8 model: %s", why)
+    hint = None if precision in ("int8", "float") else precision  # OpenVINO's default floating point
+    if int8 is not None:
+        return int8, scan, hint, True
+    if scan == "fused":
+        graph, why = fused_scan_graph(path, card)
+        if graph is not None:
+            return graph, scan, hint, False
+        log.info("OpenVINO: the selective scans run as exported operators: %s", why)
+    return path, "graph", hint, False
+
+
 def _same_model(a: ModelCard, b: ModelCard) -> bool:
     """Whether two cards describe the same trained model, whatever tile size an export fixed."""
     def core(c: ModelCard) -> dict:
@@ -264,8 +293,8 @@ def _compiled(path: str, mtime_ns: int, threads: int | None, streams: int, preci
         config["INFERENCE_NUM_THREADS"] = threads * streams
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
-    # A compiled blob holding the Python operation loads back (same outputs) only for an IR read before compiling
-    # (the int8 file: 1.34 s to compile, 0.47 s from the blob); the ONNX fused-scan graph compiles every time.
+    # A compiled blob holding the Python operation loads back (same outputs; tests/test_int8.py) for the int8 IR;
+    # the ONNX fused-scan graph compiles every time.
     if (not fused_scan or path.endswith(".xml")) and (cache := openvino_cache_dir()):
         config["CACHE_DIR"] = cache
     try:
@@ -354,28 +383,10 @@ class OpenVinoPredictor:
             path.stat()
         except OSError as exc:
             raise InputError(f"{path}: cannot read the model ({exc.strerror})") from None
-        from rs_engine.runtime_int8 import int8_graph
-
-        precision, self.scan = openvino_precision(), openvino_scan()
-        graph, int8 = path, None
-        if precision in (None, "int8"):
-            int8, why = int8_graph(path, card) if self.scan == "fused" else (None, f"{SCAN_ENV}=graph")
-            if int8 is None and precision == "int8":
-                raise InputError(f"{path}: no int8 model to run ({why})")
-            if int8 is None:
-                log.info("OpenVINO: no int8 model: %s", why)
-        if precision in ("int8", "float"):
-            precision = None  # OpenVINO's default floating point (for int8: where the graph is not quantized)
-        if int8 is not None:
-            graph = int8
-        elif self.scan == "fused":
-            graph, why = fused_scan_graph(path, card)
-            if graph is None:
-                log.info("OpenVINO: the selective scans run as exported operators: %s", why)
-                self.scan, graph = "graph", path
+        graph, self.scan, precision, int8 = openvino_graph(path, card)
         self.compiled = _compiled(str(graph), graph.stat().st_mtime_ns, threads, max(1, streams), precision,
                                   self.scan == "fused")
-        if int8 is None and graph != path and openvino_cache_dir() is None:  # a temporary export: compiled
+        if not int8 and graph != path and openvino_cache_dir() is None:  # a temporary export: compiled
             shutil.rmtree(graph.parent.parent, ignore_errors=True)
         self.precision = "int8" if int8 else self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self.input_shape = tuple(int(d) for d in self.compiled.input(0).get_shape())

@@ -1,7 +1,7 @@
 """int8 models for OpenVINO (issue 14): ``rs-train quantize`` writes them (NNCF), the engine runs them by default.
 
 Checked on real imagery: the bundled ``nwpu10.int8.xml`` finds the objects the float graph finds on tiles of the
-NWPU example, with real masks (a quantizer in the mask branch once made every mask a constant 0.44); a stale
+NWPU example, with real masks (a quantizer in the mask branch once made every mask a constant); a stale
 file (other weights) is refused with its reason; ``rs-train quantize`` makes a working int8 ``ssdd-ship`` from
 SSDD training images, and refuses bad requests in one line. All one thread.
 """
@@ -58,7 +58,7 @@ def _matched(ref: dict, out: dict, min_iou: float) -> tuple[int, int]:
     """(matched, confident): of ``ref``'s confident detections (score > 0.7), how many ``out`` has among its
     detections over 0.4 (a margin for scores moved by quantization) with the same label at box IoU > ``min_iou``.
     Also checks that ``out``'s confident masks are real: each with object (probability > 0.75) and background
-    (< 0.25) cells, not a constant (a broken quantizer once made every mask 0.44).
+    (< 0.25) cells, not a constant (a misplaced quantizer once made every mask one value).
 
     Why 0.7: near the 0.5 floor the two precisions disagree on single objects (on the NWPU example a ground track
     field at 0.64 and an airplane at 0.61 in float, under 0.4 in int8), as any two trainings would; test-split

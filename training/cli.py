@@ -285,9 +285,9 @@ def _quantize(args: argparse.Namespace, report: Any) -> dict[str, Any]:
 
     if importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None:
         raise InputError("rs-train quantize needs NNCF and OpenVINO: pip install 'delineate[quantize]'")
-    from training.quantize import run_quantize
+    from training.quantize import quantize
 
-    return run_quantize(args, report)
+    return quantize(args.model, args.coco, args.images, args.out, args.tiles, args.seed, args.overwrite)
 
 
 def _scale_range(text: str) -> tuple[float, float]:

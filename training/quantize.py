@@ -31,7 +31,7 @@ FLOAT_TYPES = ["If", "Add", "Multiply", "Subtract", "Divide", "Exp", "Gather", "
 #: Node name patterns left in floating point: the heads' last layers (class logits, box deltas), and the mask
 #: branch, which runs on the detections only: over calibration tiles with none its tensors are empty, and one
 #: quantizer NNCF placed there anyway (on the last mask-head ReLU, outside its ignored scope) made every mask of
-#: nwpu10 a constant 0.44. :func:`drop_quantizers` removes any such quantizer after NNCF.
+#: nwpu10 one constant. :func:`drop_quantizers` removes any such quantizer after NNCF.
 FLOAT_PATTERNS = [".*box_predictor.*", ".*rpn/head/(cls_logits|bbox_pred).*", ".*mask_(roi_pool|head|predictor).*"]
 
 
@@ -190,8 +190,3 @@ def quantize(model_spec: str, coco_json: Path, images: Path, out: Path | None = 
     log.info("%s: %d quantized inputs (%d dropped), calibrated on %d tiles in %.0f s", out, fq, dropped, len(data),
              seconds)
     return {"output": str(out), "tiles": len(data), "seconds": round(seconds, 1), "quantized": fq}
-
-
-def run_quantize(args: Any, report: Any) -> dict[str, Any]:
-    """``rs-train quantize`` (:func:`quantize`)."""
-    return quantize(args.model, args.coco, args.images, args.out, args.tiles, args.seed, args.overwrite)
