@@ -191,10 +191,18 @@ static inline __attribute__((always_inline)) void block_forward(
             y[t] = dot(h, Ct + t * N, N);
         }
     }
+    /* Two loops, not one with `z ? ... : ...` inside: GCC if-converts that into a masked load of z, and with z NULL
+     * (every model here) the all-false masked load of address 0 costs a microcode assist per vector on AMD Zen 3:
+     * 40% of the kernel's time there (perf). */
+    if (z) {
 #pragma omp simd
-    for (int64_t t = 0; t < m; t++) {
-        float v = y[t] + Dd * u[t0 + t];
-        out[t0 + t] = z ? v * z[t0 + t] * sigmoid_f(z[t0 + t]) : v;
+        for (int64_t t = 0; t < m; t++) {
+            float v = y[t] + Dd * u[t0 + t];
+            out[t0 + t] = v * z[t0 + t] * sigmoid_f(z[t0 + t]);
+        }
+    } else {
+#pragma omp simd
+        for (int64_t t = 0; t < m; t++) out[t0 + t] = y[t] + Dd * u[t0 + t];
     }
 }
 
