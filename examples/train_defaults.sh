@@ -53,6 +53,17 @@ for target in "$@"; do
         --init "${NWPU_INIT:-rs_engine/weights/nwpu10.safetensors}" --bands 1,2,3 --chip-size 512 \
         --epochs "${NWPU_MORE_EPOCHS:-8}" --max-minutes "${NWPU_MORE_MINUTES:-150}" --batch-size 2 --lr 2.5e-4 \
         --warmup-steps 30 --seed 1 --name nwpu10 ;;
+    # nwpu10 with the depthwise-separable neck (issue 14, ModelConfig.neck "separable_fpn"): the bundled nwpu10's
+    # weights, its FPN-output and RPN 3x3 convolutions replaced by depthwise-separable ones fitted to them on real
+    # features (training/neck.py), then the whole network fine-tuned as nwpu-more, over NWPU_SEP_MINUTES.
+    nwpu-sep) train_eval "$SHARED/nwpu_vhr10" nwpu10-sep --neck separable_fpn \
+        --init "${NWPU_INIT:-rs_engine/weights/nwpu10.safetensors}" --bands 1,2,3 --chip-size 512 \
+        --epochs "${NWPU_SEP_EPOCHS:-4}" --max-minutes "${NWPU_SEP_MINUTES:-90}" --batch-size 2 --lr 2.5e-4 \
+        --warmup-steps 30 --seed 2 --name nwpu10 ;;
+    ssdd-sep) train_eval "$SHARED/ssdd" ssdd-ship-sep --neck separable_fpn \
+        --init "${SSDD_INIT:-rs_engine/weights/ssdd-ship.safetensors}" --bands 1 --chip-size 256 \
+        --epochs "${SSDD_SEP_EPOCHS:-6}" --max-minutes "${SSDD_SEP_MINUTES:-60}" --batch-size 4 --lr 2.5e-4 \
+        --warmup-steps 30 --seed 2 --name ssdd-ship ;;
     # The teachers (issue 13): EfficientNet-Lite2 Mask R-CNN from ImageNet, the same data, schedule and budget as the
     # nwpu / ssdd targets (a later --model-config overrides train_eval's), for the README's teacher rows.
     nwpu-teacher) train_eval "$SHARED/nwpu_vhr10" nwpu10-teacher-lite2 --model-config effnet_lite2 \
@@ -61,6 +72,7 @@ for target in "$@"; do
     ssdd-teacher) train_eval "$SHARED/ssdd" ssdd-teacher-lite2 --model-config effnet_lite2 --init-backbone imagenet \
         --bands 1 --chip-size 256 --epochs "${SSDD_EPOCHS:-5}" --max-minutes "${SSDD_MINUTES:-155}" --batch-size 4 \
         --lr 5e-4 --warmup-steps 50 --name ssdd-teacher-lite2 ;;
-    *) echo "$target: use nwpu, ssdd, ssdd-more, nwpu-more, nwpu-teacher or ssdd-teacher" >&2; exit 2 ;;
+    *) echo "$target: use nwpu, ssdd, ssdd-more, nwpu-more, nwpu-sep, ssdd-sep, nwpu-teacher or ssdd-teacher" >&2
+       exit 2 ;;
   esac
 done

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scale-range", type=_scale_range, default=(0.8, 1.25), metavar="LO,HI",
                    help="scale jitter: chips are zoomed by a log-uniform factor in [LO, HI] (default 0.8,1.25)")
     _head_arg(t, "maskrcnn")
+    t.add_argument("--neck", choices=["fpn", "separable_fpn"], default="fpn",
+                   help="fpn, or separable_fpn: the FPN outputs' and the RPN's 3x3 convolutions depthwise-separable "
+                        "(with --init from a dense-neck model they are first fitted to its convolutions)")
     _optim_args(t, epochs=12, lr=1e-3, warmup=200, batch=4)
 
     f = sub.add_parser("finetune", help="fine-tune a model on rasters + a polygon layer (your own annotations)")

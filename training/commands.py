@@ -84,13 +84,19 @@ def run_train(args: argparse.Namespace, report: Callable[[dict], None]) -> dict[
     # Statistics of the raw images (band_statistics reads them unnormalised), then the chips use them.
     spec.mean, spec.std = mean, std = band_statistics(train_set)
     config = ModelConfig(backbone=args.model_config, in_channels=len(bands),
-                         num_classes=len(train_set.class_names), tile_size=args.chip_size, head=args.head)
+                         num_classes=len(train_set.class_names), tile_size=args.chip_size, head=args.head,
+                         neck=args.neck)
     torch.manual_seed(args.seed)
     model = build_model(config)
     _record_prompt_head(config, model)
     provenance: dict[str, Any] = {"data": portable(args.coco), "command": command_line()}
     if args.init:
         provenance["init"] = init_from(model, args.init)
+        factorised = [k for k in provenance["init"]["adapted"] if ".layer_blocks." in k or "rpn.head.conv" in k]
+        if config.neck == "separable_fpn" and factorised:  # from a dense neck: fit the separable convs to it
+            from training.neck import fit_separable_neck
+
+            provenance["init"]["separable_fit"] = fit_separable_neck(model, args.init, train_set)
     if args.init_backbone:
         provenance["init_backbone"] = init_backbone(model, args.init_backbone, args.model_config, mean, std)
     card = ModelCard(

@@ -327,8 +327,9 @@ def plot_curves(log_csv: Path, png: Path) -> None:
 
 def init_from(model: torch.nn.Module, source: str | Path, same_classes: bool = True) -> dict[str, Any]:
     """Initialise ``model`` from a model file (bundled name or path): every tensor whose name and shape match is
-    copied; an input conv for another band count is adapted (:func:`adapt_input_conv`); the rest (new classes)
-    keeps its fresh initialisation.
+    copied; an input conv for another band count is adapted (:func:`adapt_input_conv`); a dense 3x3 conv whose
+    place holds a depthwise-separable pair (``separable_fpn``) is factorised (:func:`factorise_separable`); the rest
+    (new classes) keeps its fresh initialisation.
 
     Args:
         same_classes: False when the class list differs: the class-specific box and mask predictors are never
@@ -351,14 +352,46 @@ def init_from(model: torch.nn.Module, source: str | Path, same_classes: bool = T
     for k, v in state.items():
         if k in own and own[k].shape == v.shape and (same_classes or not k.startswith(predictors)):
             copy[k] = v.to(own[k].dtype)
+        elif _is_separable_pair(own, k, v):  # a dense 3x3 conv into a depthwise-separable one (separable_fpn)
+            pw = k.removesuffix("0.weight") + "1.weight"
+            copy[k], copy[pw] = (t.to(own[k].dtype) for t in factorise_separable(v))
+            bias = k.removesuffix("weight") + "bias"
+            if bias in state:
+                copy[pw.removesuffix("weight") + "bias"] = state[bias].to(own[k].dtype)
+            adapted.append(k)
         elif k in own and _is_input_conv(own[k], v):
             copy[k] = adapt_input_conv(v, own[k].shape[1]).to(own[k].dtype)
             adapted.append(k)
         else:
             skipped.append(k)
+    skipped = [k for k in skipped if not (k.endswith(".0.bias") and k.removesuffix("bias") + "weight" in adapted)]
     model.load_state_dict(copy, strict=False)
     log.info("initialised %d tensors from %s; %d left new", len(copy), path, len(own) - len(copy))
     return {"source": str(source), "copied": len(copy), "adapted": adapted, "skipped": skipped}
+
+
+def _is_separable_pair(own: dict[str, torch.Tensor], key: str, dense: torch.Tensor) -> bool:
+    """``key`` names a depthwise kernel (C, 1, k, k) in ``own``, followed by its pointwise (O, C, 1, 1) at
+    ``...1.weight``, and ``dense`` is the (O, C, k, k) kernel they replace."""
+    pw = key.removesuffix("0.weight") + "1.weight"
+    if not key.endswith(".0.weight") or key not in own or pw not in own or dense.ndim != 4:
+        return False
+    o, c, kh, kw = dense.shape
+    return own[key].shape == (c, 1, kh, kw) and own[pw].shape == (o, c, 1, 1)
+
+
+def factorise_separable(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The depthwise-separable convolution closest to a dense one: (O, C, k, k) -> depthwise (C, 1, k, k) and
+    pointwise (O, C, 1, 1) with ``pointwise[o, c] * depthwise[c] ~ weight[o, c]``, the best rank-1 approximation
+    (SVD, least squares) of each input channel's (O, k*k) kernel matrix. A starting point for fine-tuning a
+    dense-neck model into a ``separable_fpn`` one, not an exact conversion (a separable conv has rank 1 there)."""
+    o, c, kh, kw = weight.shape
+    mats = weight.double().permute(1, 0, 2, 3).reshape(c, o, kh * kw)
+    u, sv, vh = torch.linalg.svd(mats, full_matrices=False)
+    root = sv[:, :1].sqrt()
+    pointwise = (u[:, :, 0] * root).T.reshape(o, c, 1, 1)
+    depthwise = (vh[:, 0, :] * root).reshape(c, 1, kh, kw)
+    return depthwise.float(), pointwise.float()
 
 
 def _is_input_conv(new: torch.Tensor, old: torch.Tensor) -> bool:

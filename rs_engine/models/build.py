@@ -92,7 +92,37 @@ def build_model(config: ModelConfig) -> MaskRCNN:
         mask_head=mask_head,
         mask_predictor=mask_predictor,
     )
+    if c.neck == "separable_fpn":
+        separable_neck(model)
     return _with_prompt_head(use_continuous_paste(model), c)
+
+
+def separable_conv(channels: int, out_channels: int, kernel: int = 3) -> nn.Sequential:
+    """A depthwise ``kernel`` x ``kernel`` convolution (no bias) then a 1x1 pointwise one (with bias): (B, C, H, W)
+    -> (B, O, H, W), same padding. Costs ``C * (k^2 + O)`` multiply-adds per pixel against ``C * k^2 * O`` dense."""
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
+        nn.Conv2d(channels, out_channels, 1),
+    )
+
+
+def separable_neck(model: MaskRCNN) -> None:
+    """Make the FPN's 3x3 output convolutions and the RPN head's shared 3x3 convolution depthwise-separable, in
+    place (:attr:`ModelConfig.neck` ``"separable_fpn"``). Parameter names: ``<dense conv's Sequential>.0.weight``
+    is the depthwise kernel, ``.1.weight`` and ``.1.bias`` the pointwise convolution, so a dense model's weights
+    map onto them by name (``training.train.init_from`` factorises them)."""
+    fpn = model.backbone.fpn
+    for i, block in enumerate(fpn.layer_blocks):
+        conv = block[0]
+        fpn.layer_blocks[i] = separable_conv(conv.in_channels, conv.out_channels)
+    head = model.rpn.head
+    conv = head.conv[0][0]
+    head.conv = nn.Sequential(nn.Sequential(*separable_conv(conv.in_channels, conv.out_channels), nn.ReLU()))
+    for layer in (*fpn.layer_blocks.modules(), *head.conv.modules()):  # as torchvision initialises its FPN
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_uniform_(layer.weight, a=1)
+            if layer.bias is not None:
+                nn.init.constant_(layer.bias, 0)
 
 
 def _with_prompt_head(model: MaskRCNN, c: ModelConfig) -> MaskRCNN:

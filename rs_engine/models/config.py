@@ -163,6 +163,9 @@ BACKBONES: dict[str, SSMBackboneConfig | HeatBackboneConfig | EffNetBackboneConf
 BASELINES = ("resnet50",)
 #: Instance mask heads (:attr:`ModelConfig.head`).
 INSTANCE_HEADS = ("maskrcnn", "prompt")
+#: Necks (:attr:`ModelConfig.neck`): the FPN's 3x3 output convolutions and the RPN's shared 3x3 convolution dense
+#: (``"fpn"``) or depthwise-separable (``"separable_fpn"``).
+NECKS = ("fpn", "separable_fpn")
 
 
 @dataclass
@@ -185,6 +188,11 @@ class ModelConfig:
             on RoIAlign features; ``"prompt"``, RSPrompter-anchor (Chen et al. 2023, arXiv 2306.16269): masks
             from the SAM-style prompt head (``extra["prompt_head"]``) prompted by the detected boxes, and no FCN
             mask head (``rs_engine.models.prompter.PromptHeadInstances``).
+        neck: one of :data:`NECKS`. ``"fpn"``: torchvision's FPN and RPN head (Lin et al. 2017). ``"separable_fpn"``:
+            the same with every 3x3 convolution of the FPN outputs and of the RPN head depthwise-separable (a 3x3
+            depthwise then a 1x1 pointwise convolution, as in MobileNet's SSDLite, Sandler et al. 2018, and
+            EfficientDet's BiFPN, Tan et al. 2020): at stride 4 those two convolutions cost twice the backbone
+            body on a 512 px tile, and about 1/8 of that separable (docs/models.md).
         extra: further settings (``"stem"``, ``"prompt_head"``: see :func:`rs_engine.models.build_model`).
     """
 
@@ -201,6 +209,7 @@ class ModelConfig:
     mask_head_channels: int = 128
     mask_head_convs: int = 4
     head: str = "maskrcnn"
+    neck: str = "fpn"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -211,14 +220,18 @@ class ModelConfig:
             raise ValueError("in_channels and num_classes must be >= 1")
         if self.head not in INSTANCE_HEADS:
             raise ValueError(f"unknown instance head {self.head!r} (known: {', '.join(INSTANCE_HEADS)})")
+        if self.neck not in NECKS:
+            raise ValueError(f"unknown neck {self.neck!r} (known: {', '.join(NECKS)})")
         self.anchor_sizes = tuple(self.anchor_sizes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a model card's ``architecture``; ``head`` only when it is not ``"maskrcnn"`` (absent means
-        Mask R-CNN), so Mask R-CNN cards stay as they were and engines older than the key still read them."""
+        """The config as a model card's ``architecture``; ``head`` and ``neck`` only when they are not the defaults
+        (absent means Mask R-CNN with a dense FPN), so such cards stay as they were and engines older than the keys
+        still read them."""
         data = dataclasses.asdict(self)
-        if data["head"] == "maskrcnn":
-            del data["head"]
+        for key, default in (("head", "maskrcnn"), ("neck", "fpn")):
+            if data[key] == default:
+                del data[key]
         return data
 
     @classmethod
