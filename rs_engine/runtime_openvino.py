@@ -45,7 +45,7 @@ OPENVINO_PRECISIONS = ("f32", "bf16", "f16", "int8", "float")
 #: Environment variable choosing how the selective scans run: ``fused`` (the C kernel, default) or ``graph``.
 SCAN_ENV = "DELINEATE_OPENVINO_SCAN"
 #: Bumped when the custom-node export changes, so that graphs cached by an older version are not reused.
-_SCAN_GRAPH_VERSION = "4"
+_SCAN_GRAPH_VERSION = "5"  # 5: the SS2D projections as matmul, not einsum (no transposes around them)
 
 
 def openvino_precision() -> str | None:

@@ -111,9 +111,11 @@ class SS2D(nn.Module):
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
         xs = self._sequences(x)  # (B, K, D, L)
         length = h * w
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        # Per-direction projections as batched matrix products, (K, C, D) @ (B, K, D, L): the same sums as the einsums
+        # "bkdl,kcd->bkcl" and "bkrl,kdr->bkdl", which OpenVINO lowers with a transpose of xs before and after.
+        x_dbl = torch.matmul(self.x_proj_weight, xs)
         dts, bs, cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)
+        dts = torch.matmul(self.dt_proj_weight, dts)
         k, d = self.directions, self.d_inner
         y = selective_scan_fn(
             xs.reshape(b, k * d, length),
