@@ -53,7 +53,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runtime_accuracy.json").write_text(json.dumps(rec, indent=1))
     m = rec["machine"]
-    lines = [f"{args.model}, NWPU VHR-10 test split ({len(images)} images) through the tiled pipeline, "
+    lines = [f"{args.model}, {args.data.name} test split ({len(images)} images) through the tiled pipeline, "
              f"{args.threads} thread(s); {m['cpu']}, load average {m['loadavg_1min']} at the end", "",
              "| runtime | precision | mask AP | mask AP50 | box AP | objects | seconds |",
              "|---|---|---|---|---|---|---|"]

@@ -169,9 +169,15 @@ def quantize(model_spec: str, coco_json: Path, images: Path, out: Path | None = 
     model = read_model(graph, fused_scan=True, scan_threads=max(1, len(os.sched_getaffinity(0))))
     unshare_body_constants(model)
     start = time.perf_counter()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    # Overflow fix on every layer, not NNCF's default first layer only: the file runs on any CPU, and without VNNI
+    # (AVX2-only CPUs) oneDNN's u8 x s8 products are summed in pairs into int16 with saturation, which full 8-bit
+    # weights overflow (NNCF's docs); 7-bit weight ranges avoid it.
     q = nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), fast_bias_correction=True,
                       ignored_scope=nncf.IgnoredScope(types=FLOAT_TYPES, patterns=FLOAT_PATTERNS,
-                                                                    validate=False))
+                                                                    validate=False),
+                      advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE))
     seconds = time.perf_counter() - start
     dropped = drop_quantizers(q, FLOAT_PATTERNS)
     q.set_rt_info(scan_graph_digest(onnx.with_suffix(".safetensors"), card), list(DIGEST_KEY))
