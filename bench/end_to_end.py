@@ -193,8 +193,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "out" / "bench", help="where the test rasters are cached")
     ap.add_argument("--threads", type=int, help="OMP/torch threads of the segment processes")
     ap.add_argument("--model", default="nwpu10")
-    ap.add_argument("--also", action="append", default=[], metavar="MODEL",
-                    help="another model (name or file) timed in the same run, e.g. the previous default")
+    ap.add_argument("--also", action="append", default=[], metavar="MODEL[@RUNTIME]",
+                    help="another model (name or file) timed in the same run, e.g. the previous default; "
+                         "@RUNTIME (a --runtimes value) for other than torch, e.g. old/nwpu10.onnx@openvino")
     ap.add_argument("--baseline", type=Path, default=DEFAULT_BASELINE)
     ap.add_argument("--side", type=int, default=4096)
     ap.add_argument("--stream-sides", default="2048,8192,16384")
@@ -243,7 +244,7 @@ def main() -> None:
             baseline, role = untrained_baseline(args.data / "resnet50-untrained.safetensors", args.model), \
                 "baseline (untrained, no detections: its least time)"
         runs = [(args.model, rt, "default model") for rt in args.runtimes.split(",")]
-        runs += [(m, "torch", "compared") for m in args.also]
+        runs += [(*(m.rsplit("@", 1) if "@" in m else (m, "torch")), "compared") for m in args.also]
         runs += [(f"peer:{p}", "torch", "peer (untrained weights)") for p in args.peers.split(",") if p]
         runs += [(str(baseline), "torch", role)]
         if "baseline" in skip:
