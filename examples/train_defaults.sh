@@ -55,7 +55,8 @@ for target in "$@"; do
         --warmup-steps 30 --seed 1 --name nwpu10 ;;
     # nwpu10 with the depthwise-separable neck (issue 14, ModelConfig.neck "separable_fpn"): the bundled nwpu10's
     # weights, its FPN-output and RPN 3x3 convolutions replaced by depthwise-separable ones fitted to them on real
-    # features (training/neck.py), then the whole network fine-tuned as nwpu-more, over NWPU_SEP_MINUTES.
+    # features (training/neck.py), then the whole network fine-tuned as nwpu-more, over NWPU_SEP_MINUTES. nwpu10 0.7
+    # is this from 0.6 (NWPU_INIT: the bundled file is 0.7 itself since; README "Models" gets 0.6's from git).
     nwpu-sep) train_eval "$SHARED/nwpu_vhr10" nwpu10-sep --neck separable_fpn \
         --init "${NWPU_INIT:-rs_engine/weights/nwpu10.safetensors}" --bands 1,2,3 --chip-size 512 \
         --epochs "${NWPU_SEP_EPOCHS:-4}" --max-minutes "${NWPU_SEP_MINUTES:-90}" --batch-size 2 --lr 2.5e-4 \
