@@ -65,7 +65,10 @@ def build_model(config: ModelConfig) -> MaskRCNN:
     """
     c = config
     if c.backbone == "resnet50":
-        return _with_prompt_head(_resnet50_maskrcnn(c), c)
+        model = _resnet50_maskrcnn(c)
+        if c.neck == "separable_fpn":
+            separable_neck(model)
+        return _with_prompt_head(model, c)
     backbone = BackboneWithFPN(build_backbone(c), c.fpn_channels)
     anchors = AnchorGenerator(tuple((s,) for s in c.anchor_sizes), ((0.5, 1.0, 2.0),) * len(c.anchor_sizes))
     box_head = TwoMLPHead(c.fpn_channels * 7 * 7, c.representation_size)
