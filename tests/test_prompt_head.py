@@ -1,7 +1,7 @@
 """The SAM-style prompt head (rs_engine/models/prompt_head.py), its training on a frozen detector
 (training/prompt_head.py, ``rs-train prompt-head``) and :class:`~rs_engine.models.prompter.SAMPrompter`.
 
-Shapes and errors need nothing but the code; the rest trains a head for 60 steps on 4 real NWPU VHR-10 chips
+Shapes and errors need nothing but the code; the rest trains a head for 120 steps on 4 real NWPU VHR-10 chips
 (256 px, the bundled nwpu10 frozen under it), which must lift box-prompted IoU on them from near 0 to over 0.4.
 """
 
@@ -101,7 +101,8 @@ def test_gradients_reach_the_head_only() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The bundled nwpu10 with a prompt head trained for 60 steps (30 epochs of 2 batches) on 4 NWPU chips."""
+    """The bundled nwpu10 with a prompt head trained for 120 steps (60 epochs of 2 batches) on 4 NWPU chips (on
+    nwpu10 0.7's features 60 steps, enough on 0.6's, left box IoU at 0.05)."""
     from rs_engine.checkpoint import load_model
     from training.coco import ChipSpec, CocoChips
     from training.prompt_head import ChipSets, evaluate_head, train_prompt_head
@@ -120,7 +121,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     model.prompt_head = PromptHead(PromptHeadConfig())
     before = evaluate_head(model, chips)
     out = tmp / "nwpu10-prompt.safetensors"
-    cfg = TrainConfig(epochs=30, batch_size=2, lr=3e-3, warmup_steps=5, half=False, num_workers=0, seed=0)
+    cfg = TrainConfig(epochs=60, batch_size=2, lr=3e-3, warmup_steps=5, half=False, num_workers=0, seed=0)
     state = train_prompt_head(model, card, ChipSets([chips]), out, cfg)
     return {"model": model, "card": card, "chips": chips, "before": before, "after": evaluate_head(model, chips),
             "state": state, "out": out, "detector": detector, "tmp": tmp}
@@ -129,7 +130,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @needs_nwpu
 def test_training_learns_on_real_chips(trained: dict[str, Any]) -> None:
     before, after = trained["before"], trained["after"]
-    assert trained["state"]["step"] == 60
+    assert trained["state"]["step"] == 120
     assert after["box_iou"] >= 0.4 and after["box_iou"] > before["box_iou"] + 0.3, (before, after)
     assert after["point_iou"] > before["point_iou"] + 0.05, (before, after)
     assert after["box_loss"] < 0.5 * before["box_loss"], (before, after)
@@ -148,7 +149,7 @@ def test_model_file_round_trip(trained: dict[str, Any]) -> None:
 
     card = read_card(trained["out"])
     assert card.architecture["extra"]["prompt_head"] == PromptHeadConfig().to_dict()
-    assert card.provenance["prompt_head"]["steps"] == 60 and card.class_names == trained["card"].class_names
+    assert card.provenance["prompt_head"]["steps"] == 120 and card.class_names == trained["card"].class_names
     loaded, _ = load_model(trained["out"])
     assert isinstance(loaded.prompt_head, PromptHead)
     image, target = trained["chips"][0]
